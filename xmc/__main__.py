@@ -1,0 +1,5 @@
+import sys
+
+from xmc.cli import main
+
+sys.exit(main())
