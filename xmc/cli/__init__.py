@@ -46,7 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (UsageError, FormatError, FileNotFoundError) as err:
+    except (UsageError, FormatError, FileNotFoundError, ValueError) as err:
+        if args.verbose and not isinstance(err, (UsageError, FormatError)):
+            raise
         print(f"xmc {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -37,7 +37,6 @@ def atomic_open(path: str | os.PathLike) -> Iterator[IO[bytes]]:
         raise
 
 
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -84,7 +84,9 @@ class BowWriter:
 
     def __exit__(self, kind, value, traceback) -> bool:
         if kind is None and self.rows_written != self.shape[0]:
-            error = ValueError(f"{self.path}: wrote {self.rows_written} rows, the header announces {self.shape[0]}")
+            error = ValueError(
+                f"{self.path}: wrote {self.rows_written} rows, the header announces {self.shape[0]}"
+            )
             self._context.__exit__(ValueError, error, None)  # drops the temporary file
             raise error
         return bool(self._context.__exit__(kind, value, traceback))

@@ -52,7 +52,9 @@ def split_header(path: str, data: bytes, num_fields: int, names: str) -> tuple[l
         )
     for field in fields:
         if not _INT.match(field):
-            raise FormatError(path, 1, f"bad header {_show(header)}: {_show(field)} is not a non-negative integer")
+            raise FormatError(
+                path, 1, f"bad header {_show(header)}: {_show(field)} is not a non-negative integer"
+            )
     return [int(f) for f in fields], body
 
 
@@ -69,7 +71,9 @@ def body_lines(path: str, body: bytes, num_rows: int) -> list[bytes]:
         )
     if len(lines) > num_rows:
         raise FormatError(
-            path, num_rows + 2, f"extra row: the header announces {num_rows} rows and this is row {num_rows + 1}"
+            path,
+            num_rows + 2,
+            f"extra row: the header announces {num_rows} rows and this is row {num_rows + 1}",
         )
     return lines
 

@@ -1,0 +1,25 @@
+"""Shared test fixtures: paths to committed fixtures and to the optional ``../shared/data``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SHARED_DATA = Path(os.environ.get("XMC_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test writes its caches into a fresh folder, never into the user's ``~/.cache/xmc``."""
+    monkeypatch.setenv("XMC_CACHE", str(tmp_path_factory.mktemp("xmc-cache")))
+
+
+def shared_file(*parts: str) -> Path:
+    """A file of ``../shared/data``; the test is skipped when a user's clone lacks it."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (only the project's own CI machines have ../shared/data)")
+    return path
