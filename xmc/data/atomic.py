@@ -25,7 +25,7 @@ def atomic_open(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     try:
         with os.fdopen(fd, "wb") as raw:
             if path.endswith(".gz"):
-                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as zipped:
+                with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as zipped:
                     yield zipped
             else:
                 yield raw
