@@ -1,0 +1,440 @@
+"""Fixed fan-in op: Triton launchers and the PyTorch reference against a dense masked computation in float64.
+
+Without CUDA the Triton kernels run under ``TRITON_INTERPRET=1`` (set below, before triton is imported), on
+small odd shapes. Every Triton output is allocated NaN-filled here, so an element a kernel never writes fails.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import NamedTuple
+
+import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when its jit functions are defined, its own library functions included, so it
+# has to be set before the first `import triton` anywhere in the process.
+TRITON_IMPORTED_COMPILED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import xmc.kernels.fixed_fanin as ff  # noqa: E402  (after TRITON_INTERPRET)
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+FP32_TOL = 1e-5
+LOW_PRECISION_TOL = 1e-2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers: random layers (distinct ids per row) and the dense float64 oracle
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Layer(NamedTuple):
+    x: torch.Tensor  # (B, D)
+    weight: torch.Tensor  # (L, K)
+    indices: torch.Tensor  # (L, K), distinct within a row
+    bias: torch.Tensor | None  # (L,)
+    grad_out: torch.Tensor  # (B, L)
+
+
+def random_layer(
+    B: int,
+    D: int,
+    L: int,
+    K: int,
+    index_dtype: torch.dtype = torch.int32,
+    dtype: torch.dtype = torch.float32,
+    bias: bool = True,
+    seed: int = 0,
+    device: str = DEVICE,
+) -> Layer:
+    """A random layer; each row's K ids are the first K of a random permutation of range(D)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    weight = torch.randn(L, K, generator=gen, dtype=torch.float64)
+    indices = torch.argsort(torch.rand(L, D, generator=gen), dim=1)[:, :K].to(index_dtype)
+    b = torch.randn(L, generator=gen, dtype=torch.float64) if bias else None
+    grad_out = torch.randn(B, L, generator=gen, dtype=torch.float64)
+
+    def cast(t):
+        return None if t is None else t.to(device=device, dtype=dtype)
+
+    return Layer(cast(x), cast(weight), indices.to(device), cast(b), cast(grad_out))
+
+
+def dense_oracle(layer: Layer) -> tuple[torch.Tensor, ...]:
+    """(out, grad_x, grad_w, grad_b) in float64 from the dense (L, D) masked weight."""
+    x, w, g = layer.x.double(), layer.weight.double(), layer.grad_out.double()
+    cols = layer.indices.long()
+    dense = torch.zeros(w.shape[0], x.shape[1], dtype=torch.float64, device=x.device).scatter_(1, cols, w)
+    out = x @ dense.T
+    if layer.bias is not None:
+        out = out + layer.bias.double()
+    grad_x = g @ dense
+    grad_w = (g.T @ x).gather(1, cols)
+    return out, grad_x, grad_w, g.sum(dim=0)
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    return float((got - want).norm() / want.norm().clamp_min(1e-30))
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite elements (an output element was never written?)"
+    err = rel_err(got, want)
+    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.0e}"
+
+
+@pytest.fixture
+def interpreted():
+    """The Triton tests need CUDA or an interpreter-mode Triton; fail clearly when neither is available."""
+    if not torch.cuda.is_available() and TRITON_IMPORTED_COMPILED:
+        pytest.fail(
+            "triton was imported (by an earlier test module) before TRITON_INTERPRET=1 was set, so its "
+            "kernels cannot run on this CPU-only machine: set TRITON_INTERPRET=1 at the top of "
+            "tests/conftest.py (before anything imports triton) or in the environment"
+        )
+
+
+@pytest.fixture
+def poisoned(interpreted, monkeypatch):
+    """Make every Triton output start as NaN, so an element a kernel never writes shows up."""
+
+    def nan_output(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(ff, "_new_output", nan_output)
+
+
+# (B, D, L, K, index dtype, bias): B=1, K=1, D not a multiple of 16, L below / at / above the label block
+# (32), B above the batch block (16), K above the slot block (16), a full row (K == D) and a single label.
+SHAPES = [
+    (1, 24, 33, 5, torch.int16, True),
+    (3, 17, 70, 1, torch.int32, True),
+    (5, 40, 64, 9, torch.int16, False),
+    (4, 31, 45, 7, torch.int32, True),
+    (2, 9, 1, 9, torch.int16, True),
+    (37, 20, 19, 3, torch.int32, True),
+    (3, 38, 21, 17, torch.int16, True),
+]
+SHAPE_IDS = [f"B{b}-D{d}-L{n}-K{k}-{str(t)[6:]}{'-bias' if bias else ''}" for b, d, n, k, t, bias in SHAPES]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton launchers (interpreted on CPU)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_triton_matches_dense(shape, poisoned):
+    B, D, L, K, index_dtype, bias = shape
+    layer = random_layer(B, D, L, K, index_dtype, bias=bias)
+    out_ref, gx_ref, gw_ref, gb_ref = dense_oracle(layer)
+
+    out = ff.fixed_fanin_forward_triton(layer.x, layer.weight, layer.indices, layer.bias)
+    assert out.dtype == torch.float32
+    assert_close(out, out_ref, FP32_TOL, "out")
+
+    col_ptr, slots = ff.column_transpose(layer.indices, D)
+    grad_x, grad_w, grad_b = ff.fixed_fanin_backward_triton(
+        layer.grad_out, layer.x, layer.weight, layer.indices, col_ptr, slots, True, True, True
+    )
+    assert_close(grad_x, gx_ref, FP32_TOL, "grad_x")
+    assert_close(grad_w, gw_ref, FP32_TOL, "grad_w")
+    assert_close(grad_b, gb_ref, FP32_TOL, "grad_b")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_low_precision(dtype, poisoned):
+    """bf16 / fp16 operands, fp32 accumulation: compare with float64 of the rounded inputs."""
+    layer = random_layer(5, 37, 70, 9, torch.int16, dtype=dtype)
+    out_ref, gx_ref, gw_ref, gb_ref = dense_oracle(layer)  # the oracle upcasts the already-rounded tensors
+    out = ff.fixed_fanin_forward_triton(layer.x, layer.weight, layer.indices, layer.bias)
+    col_ptr, slots = ff.column_transpose(layer.indices, 37)
+    grads = ff.fixed_fanin_backward_triton(
+        layer.grad_out, layer.x, layer.weight, layer.indices, col_ptr, slots, True, True, True
+    )
+    for got, want, what in zip(
+        (out, *grads), (out_ref, gx_ref, gw_ref, gb_ref), ("out", "gx", "gw", "gb"), strict=True
+    ):
+        assert got.dtype == dtype, what
+        assert_close(got, want, LOW_PRECISION_TOL, what)
+
+
+@needs_triton
+def test_triton_mixed_dtypes(poisoned):
+    """bf16 activations, fp32 weights (autocast style): out and grad_x follow x, grad_w the weight."""
+    layer = random_layer(4, 31, 45, 7, torch.int32)
+    x = layer.x.bfloat16()
+    layer = layer._replace(x=x, grad_out=layer.grad_out.bfloat16())
+    out_ref, gx_ref, gw_ref, gb_ref = dense_oracle(layer)
+    out = ff.fixed_fanin_forward_triton(x, layer.weight, layer.indices, layer.bias)
+    grad_x, grad_w, grad_b = ff.fixed_fanin_backward(
+        layer.grad_out, x, layer.weight, layer.indices, backend="triton"
+    )
+    assert out.dtype == grad_x.dtype == torch.bfloat16
+    assert grad_w.dtype == grad_b.dtype == torch.float32
+    assert_close(out, out_ref, LOW_PRECISION_TOL, "out")
+    assert_close(grad_x, gx_ref, LOW_PRECISION_TOL, "grad_x")
+    assert_close(grad_w, gw_ref, FP32_TOL, "grad_w")  # fp32 output: only the fp32 accumulation errs
+    assert_close(grad_b, gb_ref, FP32_TOL, "grad_b")
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "need", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)]
+)
+def test_triton_backward_subsets(need, poisoned):
+    layer = random_layer(3, 19, 40, 4, torch.int16)
+    want = dense_oracle(layer)[1:]
+    col_ptr, slots = ff.column_transpose(layer.indices, 19) if need[0] else (None, None)
+    got = ff.fixed_fanin_backward_triton(
+        layer.grad_out, layer.x, layer.weight, layer.indices, col_ptr, slots, *need
+    )
+    for flag, g, w, what in zip(need, got, want, ("grad_x", "grad_w", "grad_b"), strict=True):
+        if flag:
+            assert_close(g, w, FP32_TOL, what)
+        else:
+            assert g is None, what
+
+
+@needs_triton
+def test_triton_strided_inputs(poisoned):
+    """Non-contiguous inputs (transposed views) give the same result as contiguous ones."""
+    layer = random_layer(4, 23, 35, 6, torch.int32)
+    out_ref, gx_ref, gw_ref, _ = dense_oracle(layer)
+    x_t = layer.x.T.contiguous().T
+    g_t = layer.grad_out.T.contiguous().T
+    w_t = layer.weight.T.contiguous().T
+    assert not x_t.is_contiguous() and not g_t.is_contiguous()
+    assert_close(ff.fixed_fanin_forward_triton(x_t, w_t, layer.indices, layer.bias), out_ref, FP32_TOL, "out")
+    grad_x, grad_w, _ = ff.fixed_fanin_backward(g_t, x_t, w_t, layer.indices, need_b=False, backend="triton")
+    assert_close(grad_x, gx_ref, FP32_TOL, "grad_x")
+    assert_close(grad_w, gw_ref, FP32_TOL, "grad_w")
+
+
+@needs_triton
+@pytest.mark.parametrize("bias", [True, False])
+def test_function_triton_backend(bias, poisoned):
+    """Autograd through the Triton backend, with the transpose cached and computed on demand."""
+    layer = random_layer(3, 26, 50, 5, torch.int16, bias=bias)
+    out_ref, gx_ref, gw_ref, gb_ref = dense_oracle(layer)
+    for transpose in (None, ff.column_transpose(layer.indices, 26)):
+        x = layer.x.clone().requires_grad_()
+        w = layer.weight.clone().requires_grad_()
+        b = layer.bias.clone().requires_grad_() if bias else None
+        out = ff.fixed_fanin(x, w, layer.indices, b, transpose=transpose, backend="triton")
+        out.backward(layer.grad_out)
+        assert_close(out.detach(), out_ref, FP32_TOL, "out")
+        assert_close(x.grad, gx_ref, FP32_TOL, "grad_x")
+        assert_close(w.grad, gw_ref, FP32_TOL, "grad_w")
+        if bias:
+            assert_close(b.grad, gb_ref, FP32_TOL, "grad_b")
+
+
+@needs_triton
+def test_triton_validation():
+    layer = random_layer(2, 10, 12, 3, torch.int32)
+    x, w, idx, b, g = layer
+    with pytest.raises(ValueError, match="float64"):
+        ff.fixed_fanin_forward_triton(x.double(), w, idx, b)
+    with pytest.raises(ValueError, match="indices dtype"):
+        ff.fixed_fanin_forward_triton(x, w, idx.long(), b)
+    with pytest.raises(ValueError, match=r"\(L, K\)"):
+        ff.fixed_fanin_forward_triton(x, w, idx[:, :2], b)
+    with pytest.raises(ValueError, match="bias"):
+        ff.fixed_fanin_forward_triton(x, w, idx, b[:5])
+    with pytest.raises(ValueError, match="2-D"):
+        ff.fixed_fanin_forward_triton(x[0], w, idx, b)
+    with pytest.raises(ValueError, match="column_transpose"):
+        ff.fixed_fanin_backward_triton(g, x, w, idx, None, None, True, True, True)
+    with pytest.raises(ValueError, match="grad_out"):
+        ff.fixed_fanin_backward_triton(g[:, :5], x, w, idx, None, None, False, True, True)
+    col_ptr, slots = ff.column_transpose(idx, 10)
+    with pytest.raises(ValueError, match="slots"):
+        ff.fixed_fanin_backward_triton(g, x, w, idx, col_ptr, slots.float(), True, False, False)
+    with pytest.raises(ValueError, match="col_ptr"):
+        ff.fixed_fanin_backward_triton(g, x, w, idx, col_ptr[:-1], slots, True, False, False)
+    with pytest.raises(ValueError, match="backend"):
+        ff.fixed_fanin_forward(x, w, idx, b, backend="cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference twin, dispatch and autograd
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_reference_matches_dense(shape, dtype):
+    B, D, L, K, index_dtype, bias = shape
+    layer = random_layer(B, D, L, K, index_dtype, dtype=dtype, bias=bias, device="cpu")
+    out_ref, gx_ref, gw_ref, gb_ref = dense_oracle(layer)
+    tol = FP32_TOL if dtype == torch.float32 else 1e-12
+    out = ff.fixed_fanin_forward_reference(layer.x, layer.weight, layer.indices, layer.bias)
+    assert out.dtype == dtype
+    assert_close(out, out_ref, tol, "out")
+    grad_x, grad_w, grad_b = ff.fixed_fanin_backward_reference(
+        layer.grad_out, layer.x, layer.weight, layer.indices
+    )
+    assert (grad_x.dtype, grad_w.dtype, grad_b.dtype) == (dtype,) * 3
+    assert_close(grad_x, gx_ref, tol, "grad_x")
+    assert_close(grad_w, gw_ref, tol, "grad_w")
+    assert_close(grad_b, gb_ref, tol, "grad_b")
+
+
+def test_reference_chunks(monkeypatch):
+    """A tiny chunk budget (several chunks, a ragged last one) gives the same result as one chunk."""
+    layer = random_layer(3, 17, 70, 4, torch.int16, dtype=torch.float64, device="cpu")
+    monkeypatch.setattr(ff, "REFERENCE_CHUNK_ELEMENTS", 3 * 4 * 9)  # 9 labels per chunk: 8 chunks, last has 7
+    assert ff._label_chunk(3, 4) == 9
+    out_ref, gx_ref, gw_ref, gb_ref = dense_oracle(layer)
+    out = ff.fixed_fanin_forward_reference(layer.x, layer.weight, layer.indices, layer.bias)
+    grads = ff.fixed_fanin_backward_reference(layer.grad_out, layer.x, layer.weight, layer.indices)
+    for got, want, what in zip(
+        (out, *grads), (out_ref, gx_ref, gw_ref, gb_ref), ("out", "gx", "gw", "gb"), strict=True
+    ):
+        assert_close(got, want, 1e-12, what)
+
+
+def test_auto_backend_on_cpu_uses_reference(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("auto picked Triton for CPU tensors")
+
+    monkeypatch.setattr(ff, "fixed_fanin_forward_triton", refuse)
+    monkeypatch.setattr(ff, "fixed_fanin_backward_triton", refuse)
+    layer = random_layer(2, 12, 15, 3, torch.int16, dtype=torch.float64, device="cpu")
+    x = layer.x.clone().requires_grad_()
+    out = ff.fixed_fanin(x, layer.weight, layer.indices, layer.bias)
+    out.backward(layer.grad_out)
+    out_ref, gx_ref, _, _ = dense_oracle(layer)
+    assert_close(out.detach(), out_ref, 1e-12, "out")
+    assert_close(x.grad, gx_ref, 1e-12, "grad_x")
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_reference_function(bias):
+    layer = random_layer(3, 7, 6, 3, torch.int16, dtype=torch.float64, bias=bias, device="cpu")
+    inputs = (layer.x.requires_grad_(), layer.weight.requires_grad_())
+    if bias:
+        inputs += (layer.bias.requires_grad_(),)
+
+    def fn(x, w, b=None):
+        return ff.FixedFanInFunction.apply(x, w, layer.indices, b, None, None, "reference")
+
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_function_grads_only_for_inputs_that_need_them():
+    layer = random_layer(2, 8, 5, 2, torch.int32, dtype=torch.float64, device="cpu")
+    w = layer.weight.clone().requires_grad_()
+    out = ff.fixed_fanin(layer.x, w, layer.indices, layer.bias)
+    out.backward(layer.grad_out)
+    assert layer.x.grad is None and layer.bias.grad is None
+    assert_close(w.grad, dense_oracle(layer)[2], 1e-12, "grad_w")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CSC transpose
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32, torch.int64])
+def test_column_transpose(index_dtype):
+    D, L, K = 13, 29, 5
+    indices = random_layer(1, D, L, K, index_dtype, device="cpu").indices
+    col_ptr, slots = ff.column_transpose(indices, D)
+    assert col_ptr.dtype == torch.int64 and col_ptr.shape == (D + 1,)
+    assert slots.dtype == torch.int32 and slots.shape == (L * K,)
+    flat = indices.reshape(-1).long()
+    assert torch.equal(torch.sort(slots.long()).values, torch.arange(L * K))  # every slot exactly once
+    cols = flat[slots.long()]
+    assert bool((cols[1:] >= cols[:-1]).all())  # sorted by column
+    assert col_ptr[0] == 0 and torch.equal(col_ptr.diff(), torch.bincount(flat, minlength=D))
+    for d in range(D):  # each column's segment holds exactly its slots, in row order (stable)
+        segment = slots[col_ptr[d] : col_ptr[d + 1]].long()
+        assert bool((flat[segment] == d).all())
+        assert bool((segment[1:] > segment[:-1]).all())
+
+
+def test_column_transpose_rejects_out_of_range():
+    indices = torch.tensor([[0, 5], [1, 2]], dtype=torch.int16)
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        ff.column_transpose(indices, 5)
+    with pytest.raises(ValueError, match="2-D integer"):
+        ff.column_transpose(indices.float(), 6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU tier
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("index_dtype", "K"), [(torch.int16, 32), (torch.int32, 129)])
+def test_gpu_matches_reference(dtype, index_dtype, K):
+    B, D, L = 128, 768, 30_011
+    layer = random_layer(B, D, L, K, index_dtype, dtype=dtype, device="cuda")
+    oracle = dense_oracle(layer)
+    tol = FP32_TOL if dtype == torch.float32 else LOW_PRECISION_TOL
+    out = ff.fixed_fanin_forward(layer.x, layer.weight, layer.indices, layer.bias)  # auto: Triton on CUDA
+    transpose = ff.column_transpose(layer.indices, D)
+    grads = ff.fixed_fanin_backward(layer.grad_out, layer.x, layer.weight, layer.indices, *transpose)
+    for got, want, what in zip((out, *grads), oracle, ("out", "gx", "gw", "gb"), strict=True):
+        assert_close(got, want, tol, what)
+    again = ff.fixed_fanin_backward(layer.grad_out, layer.x, layer.weight, layer.indices, *transpose)
+    assert torch.equal(grads[0], again[0])  # the gather formulation is deterministic
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_64bit_offsets():
+    """L * K and B * L both above 2**31 (about 23 GB of bf16 / int16 tensors); checked on the last rows."""
+    B, D, L, K = 17, 32, 2**27 + 5, 17
+    assert L * K > 2**31 and B * L > 2**31
+    dev = "cuda"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(B, D, device=dev, dtype=torch.bfloat16, generator=gen)
+    weight = torch.randn(L, K, device=dev, dtype=torch.bfloat16, generator=gen)
+    bias = torch.randn(L, device=dev, dtype=torch.bfloat16, generator=gen)
+    # Row l uses columns (l + j) % D: distinct within a row, periodic in l, built without an L x K int64 temp.
+    base = (torch.arange(D, device=dev)[:, None] + torch.arange(K, device=dev)) % D
+    indices = base.to(torch.int16).repeat(L // D + 1, 1)[:L]
+    grad_out = torch.randn(B, L, device=dev, dtype=torch.bfloat16, generator=gen)
+    lo = L - 300
+    tail = (x, weight[lo:], indices[lo:], bias[lo:])
+
+    out = ff.fixed_fanin_forward_triton(x, weight, indices, bias)
+    assert_close(out[:, lo:], ff.fixed_fanin_forward_reference(*tail), LOW_PRECISION_TOL, "out tail")
+    del out
+
+    _, grad_w, grad_b = ff.fixed_fanin_backward_triton(
+        grad_out, x, weight, indices, None, None, False, True, True
+    )
+    _, gw_ref, gb_ref = ff.fixed_fanin_backward_reference(grad_out[:, lo:], *tail[:3], False)
+    assert_close(grad_w[lo:], gw_ref, LOW_PRECISION_TOL, "grad_w tail")
+    assert_close(grad_b[lo:], gb_ref, LOW_PRECISION_TOL, "grad_b tail")
+    del grad_w, grad_b
+
+    # The input gradient of the last rows only: a CSC of their slots, shifted to their (> 2**31) flat ids.
+    col_ptr, slots = ff.column_transpose(indices[lo:], D)
+    slots = slots.long() + lo * K
+    grad_x, _, _ = ff.fixed_fanin_backward_triton(
+        grad_out, x, weight, indices, col_ptr, slots, True, False, False
+    )
+    gx_ref, _, _ = ff.fixed_fanin_backward_reference(grad_out[:, lo:], *tail[:3], True, False, False)
+    assert_close(grad_x, gx_ref, LOW_PRECISION_TOL, "grad_x tail")

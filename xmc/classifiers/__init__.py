@@ -1,0 +1,7 @@
+"""Classifier backends behind one interface (see :mod:`xmc.classifiers.base`)."""
+
+from xmc.classifiers.base import Classifier, shard_range
+from xmc.classifiers.dense import DenseClassifier
+from xmc.classifiers.fixed_fanin import FixedFanInClassifier
+
+__all__ = ["Classifier", "DenseClassifier", "FixedFanInClassifier", "shard_range"]

@@ -1,0 +1,157 @@
+"""The classifier interface every backend (dense, fixed fan-in, RPS) implements.
+
+The training loop, the memory planner and prediction talk to classifiers only through it:
+
+- ``num_labels``, ``in_features``, ``label_offset`` (global id of local label 0, for label shards);
+- ``forward(h) -> (B, L)`` logits, for small L;
+- ``loss(h, positives, kind) -> scalar``, the mean loss over all B x L pairs, computed label chunk
+  by label chunk so that the B x L logits never exist in full (the backward recomputes each chunk);
+- ``topk(h, k) -> (scores, ids)`` over all labels in bounded memory, ties to the lower label id;
+- ``state_bytes(...)`` for the memory planner;
+- ``shard(rank, world)``: the same classifier restricted to a contiguous label range.
+
+A backend implements ``chunk_logits`` and ``chunk_backward`` for a label range and lists its
+label-indexed parameters in ``label_parameters`` (dimension 0 runs over labels); the rest is shared.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import nn
+
+from xmc.losses import Positives, loss_sum_and_grad
+from xmc.topk import topk_merge_torch
+
+# Scores held per label chunk: B x chunk <= this many elements (16 MiB in fp32).
+CHUNK_ELEMENTS = 1 << 22
+
+
+class Classifier(nn.Module, abc.ABC):
+    """Base class of all classifiers over L labels (see the module docstring)."""
+
+    in_features: int
+    num_labels: int
+    label_offset: int = 0
+
+    @abc.abstractmethod
+    def chunk_logits(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """(B, D) -> (B, stop - start) logits of local labels ``start..stop-1`` (differentiable)."""
+
+    @abc.abstractmethod
+    def chunk_backward(
+        self, h: torch.Tensor, grad_logits: torch.Tensor, start: int, stop: int
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Given d(loss)/d(logits) of labels ``start..stop-1`` (B, c), return the gradient to ``h``
+        (B, D) and, per ``label_parameters()`` entry, the gradient of its rows ``start..stop-1``."""
+
+    @abc.abstractmethod
+    def label_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose dimension 0 runs over the labels (weights, bias)."""
+
+    @abc.abstractmethod
+    def state_bytes(
+        self, batch_size: int = 0, optimizer: str = "adamw", master_weights: bool = False
+    ) -> dict:
+        """Bytes of this classifier's training state by component, for the memory planner."""
+
+    @abc.abstractmethod
+    def shard(self, rank: int, world: int) -> Classifier:
+        """A copy restricted to this rank's contiguous label range (see :func:`shard_range`)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.chunk_logits(h, 0, self.num_labels)
+
+    def label_chunk(self, batch_size: int) -> int:
+        return max(1, min(self.num_labels, CHUNK_ELEMENTS // max(batch_size, 1)))
+
+    def loss(self, h: torch.Tensor, positives: Positives, kind: str = "bce") -> torch.Tensor:
+        """Mean ``kind`` loss over all (document, label) pairs of the batch; see :mod:`xmc.losses`."""
+        if positives.batch_size != h.shape[0]:
+            raise ValueError(f"{positives.batch_size} rows of positives for a batch of {h.shape[0]}")
+        if positives.num_labels != self.num_labels:
+            raise ValueError(
+                f"positives over {positives.num_labels} labels for a {self.num_labels}-label classifier"
+            )
+        return _ChunkedLoss.apply(h, positives, self, kind, *self.label_parameters())
+
+    @torch.no_grad()
+    def topk(self, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top ``k`` (scores float32 (B, k), global label ids int64 (B, k)), best first, ties to the
+        lower id; ``-inf`` / ``-1`` pad rows when ``k`` exceeds the label count."""
+        best_scores = torch.full((h.shape[0], k), float("-inf"), device=h.device)
+        best_ids = torch.full((h.shape[0], k), -1, dtype=torch.int64, device=h.device)
+        step = self.label_chunk(h.shape[0])
+        for start in range(0, self.num_labels, step):
+            stop = min(start + step, self.num_labels)
+            scores = self.chunk_logits(h, start, stop).float()
+            best_scores, best_ids = topk_merge_torch(
+                best_scores, best_ids, scores, self.label_offset + start, k
+            )
+        return best_scores, best_ids
+
+
+def shard_range(num_labels: int, rank: int, world: int) -> tuple[int, int]:
+    """Labels ``[start, stop)`` of ``rank`` among ``world`` near-equal contiguous shards."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in 0..{world - 1}, got {rank}")
+    base, extra = divmod(num_labels, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def optimizer_state_bytes(num_params: int, optimizer: str) -> int:
+    """Bytes of fp32 optimizer state for ``num_params`` values: AdamW keeps two moments, SGD one."""
+    per = {"adamw": 2, "adam": 2, "sgd": 1, "none": 0}
+    if optimizer not in per:
+        raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(per)}")
+    return 4 * per[optimizer] * num_params
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Mean loss over label chunks; saves only ``h`` and recomputes each chunk's logits in backward."""
+
+    @staticmethod
+    def forward(ctx, h, positives: Positives, classifier: Classifier, kind: str, *params):
+        ctx.save_for_backward(h)
+        ctx.positives, ctx.classifier, ctx.kind = positives, classifier, kind
+        total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        with torch.no_grad():
+            for start, stop in _chunks(classifier, h.shape[0]):
+                logits = classifier.chunk_logits(h, start, stop)
+                part, _ = loss_sum_and_grad(logits, positives.dense(start, stop), kind, want_grad=False)
+                total += part
+        return total / (h.shape[0] * classifier.num_labels)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (h,) = ctx.saved_tensors
+        classifier: Classifier = ctx.classifier
+        params = classifier.label_parameters()
+        scale = grad_output / (h.shape[0] * classifier.num_labels)
+        grad_h = torch.zeros_like(h, dtype=scale.dtype) if ctx.needs_input_grad[0] else None
+        grads = [
+            torch.zeros_like(p) if need else None
+            for p, need in zip(params, ctx.needs_input_grad[4:], strict=True)
+        ]
+        with torch.no_grad():
+            for start, stop in _chunks(classifier, h.shape[0]):
+                logits = classifier.chunk_logits(h, start, stop)
+                _, g = loss_sum_and_grad(logits, ctx.positives.dense(start, stop), ctx.kind, want_grad=True)
+                g = (g * scale).to(logits.dtype)
+                part_h, part_params = classifier.chunk_backward(h, g, start, stop)
+                if grad_h is not None:
+                    grad_h += part_h
+                for full, part in zip(grads, part_params, strict=True):
+                    if full is not None and part is not None:
+                        full[start:stop] = part
+        if grad_h is not None:
+            grad_h = grad_h.to(h.dtype)
+        return (grad_h, None, None, None, *grads)
+
+
+def _chunks(classifier: Classifier, batch_size: int):
+    step = classifier.label_chunk(batch_size)
+    for start in range(0, classifier.num_labels, step):
+        yield start, min(start + step, classifier.num_labels)

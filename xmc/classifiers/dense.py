@@ -1,0 +1,81 @@
+"""The dense baseline: ``nn.Linear`` semantics over all labels, computed in label chunks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xmc.classifiers.base import Classifier, optimizer_state_bytes, shard_range
+
+
+class DenseClassifier(Classifier):
+    """``logits = h W^T + b`` with ``weight`` (L, D) and ``bias`` (L,), initialized like ``nn.Linear``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        num_labels: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        label_offset: int = 0,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.num_labels, self.label_offset = in_features, num_labels, label_offset
+        self.weight = nn.Parameter(torch.empty(num_labels, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(num_labels, device=device, dtype=dtype)) if bias else None
+        bound = 1.0 / math.sqrt(in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def chunk_logits(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias[start:stop]
+        return F.linear(h, self.weight[start:stop], bias)
+
+    def chunk_backward(self, h, grad_logits, start, stop):
+        weight = self.weight[start:stop]
+        g = grad_logits.to(weight.dtype)
+        grad_h = g @ weight
+        grad_w = g.t() @ h.to(weight.dtype)
+        grads = [grad_w] + ([g.sum(0)] if self.bias is not None else [])
+        return grad_h, grads
+
+    def label_parameters(self) -> list[nn.Parameter]:
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    def state_bytes(
+        self, batch_size: int = 0, optimizer: str = "adamw", master_weights: bool = False
+    ) -> dict:
+        num_params = sum(p.numel() for p in self.label_parameters())
+        size = self.weight.element_size()
+        return {
+            "weights": num_params * size,
+            "master_weights": 4 * num_params if master_weights else 0,
+            "gradients": num_params * size,
+            "optimizer": optimizer_state_bytes(num_params, optimizer),
+            "logits": 4 * batch_size * self.label_chunk(batch_size) * 2,  # a chunk's logits and gradient
+        }
+
+    def shard(self, rank: int, world: int) -> DenseClassifier:
+        start, stop = shard_range(self.num_labels, rank, world)
+        part = DenseClassifier(
+            self.in_features,
+            stop - start,
+            self.bias is not None,
+            self.weight.device,
+            self.weight.dtype,
+            label_offset=self.label_offset + start,
+        )
+        with torch.no_grad():
+            part.weight.copy_(self.weight[start:stop])
+            if self.bias is not None:
+                part.bias.copy_(self.bias[start:stop])
+        return part
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_labels={self.num_labels}, bias={self.bias is not None}"

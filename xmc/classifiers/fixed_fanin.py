@@ -1,0 +1,102 @@
+"""The fixed fan-in classifier: every label keeps exactly K connections into the D inputs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from xmc.classifiers.base import Classifier, optimizer_state_bytes, shard_range
+from xmc.kernels.fixed_fanin import fixed_fanin, fixed_fanin_backward
+from xmc.nn.fixed_fanin import FixedFanInLinear
+
+
+class FixedFanInClassifier(Classifier):
+    """A :class:`~xmc.nn.FixedFanInLinear` over all labels behind the classifier interface.
+
+    ``layer`` holds ``weight`` (L, K), ``indices`` (L, K) and ``bias`` (L,); SET rewiring
+    (:mod:`xmc.dst`) edits them in place.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_labels: int,
+        fan_in: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        seed: int = 0,
+        label_offset: int = 0,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.num_labels, self.label_offset = in_features, num_labels, label_offset
+        self.layer = FixedFanInLinear(
+            in_features, num_labels, fan_in, bias, device, dtype, seed=seed, row_offset=label_offset
+        )
+
+    @property
+    def fan_in(self) -> int:
+        return self.layer.fan_in
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.layer(h)
+
+    def chunk_logits(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        layer = self.layer
+        bias = None if layer.bias is None else layer.bias[start:stop]
+        return fixed_fanin(h, layer.weight[start:stop], layer.indices[start:stop], bias)
+
+    def chunk_backward(self, h, grad_logits, start, stop):
+        layer = self.layer
+        has_bias = layer.bias is not None
+        grad_h, grad_w, grad_b = fixed_fanin_backward(
+            grad_logits.to(h.dtype),
+            h,
+            layer.weight[start:stop],
+            layer.indices[start:stop],
+            need_x=True,
+            need_w=True,
+            need_b=has_bias,
+        )
+        return grad_h, [grad_w] + ([grad_b] if has_bias else [])
+
+    def label_parameters(self) -> list[nn.Parameter]:
+        return [self.layer.weight] + ([self.layer.bias] if self.layer.bias is not None else [])
+
+    def state_bytes(
+        self, batch_size: int = 0, optimizer: str = "adamw", master_weights: bool = False
+    ) -> dict:
+        layer = self.layer
+        num_params = sum(p.numel() for p in self.label_parameters())
+        size = layer.weight.element_size()
+        return {
+            "weights": num_params * size,
+            "indices": layer.indices.numel() * layer.indices.element_size(),
+            # The input-gradient kernel's column view of the pattern: int64 slot ids and D+1 pointers.
+            "transpose": 8 * (layer.indices.numel() + self.in_features + 1),
+            "master_weights": 4 * num_params if master_weights else 0,
+            "gradients": num_params * size,
+            "optimizer": optimizer_state_bytes(num_params, optimizer),
+            "logits": 4 * batch_size * self.label_chunk(batch_size) * 2,
+        }
+
+    def shard(self, rank: int, world: int) -> FixedFanInClassifier:
+        start, stop = shard_range(self.num_labels, rank, world)
+        layer = self.layer
+        part = FixedFanInClassifier(
+            self.in_features,
+            stop - start,
+            layer.fan_in,
+            layer.bias is not None,
+            layer.weight.device,
+            layer.weight.dtype,
+            seed=layer.seed,
+            label_offset=self.label_offset + start,
+        )
+        with torch.no_grad():
+            part.layer.weight.copy_(layer.weight[start:stop])
+            part.layer.indices.copy_(layer.indices[start:stop])
+            if layer.bias is not None:
+                part.layer.bias.copy_(layer.bias[start:stop])
+        return part

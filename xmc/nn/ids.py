@@ -1,0 +1,100 @@
+"""Drawing distinct column ids per row, as pure functions of (seed, purpose, step, global row, slot).
+
+Used for a fixed fan-in layer's initial ids and for regrowth after pruning. Because every number is
+a hash of its key (see :mod:`xmc.hashing`), a row gets the same ids whether it is drawn alone, in a
+label shard or in the whole layer, and no Python loop over rows is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xmc.hashing import hash_keys
+
+# Purposes keep the streams of different draws apart.
+INIT_IDS, INIT_WEIGHT, INIT_BIAS, REGROW_IDS = 1, 2, 3, 4
+
+_MAX_ROUNDS = 64
+
+
+def fill_distinct(
+    ids: torch.Tensor,
+    fill: torch.Tensor,
+    rows: torch.Tensor,
+    num_columns: int,
+    key: tuple[int, ...],
+    avoid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Replace ``ids[fill]`` by random columns so every row's ids are distinct.
+
+    Args:
+        ids: (R, K) integer column ids; entries where ``fill`` is False are kept and must already be
+            distinct within their row.
+        fill: (R, K) bool, the slots to draw.
+        rows: (R,) int64 global row numbers (part of the key).
+        num_columns: D; ids are drawn from ``0..D-1``.
+        key: leading integers of the hash key (seed, purpose, step, ...).
+        avoid: optional (R, M) ids the drawn ones must also differ from (e.g. the ids just pruned, so
+            regrowth explores); ignored for rows where too few columns would remain.
+
+    Returns:
+        (R, K) int64 ids. The value drawn for slot (r, j) depends only on ``key``, ``rows[r]``, ``j``
+        and the kept ids of row r.
+    """
+    num_rows, fan_in = ids.shape
+    if fan_in > num_columns:
+        raise ValueError(f"cannot draw {fan_in} distinct ids per row from {num_columns} columns")
+    out = ids.to(torch.int64).clone()
+    if not bool(fill.any()):
+        return out
+    if avoid is not None and fan_in + avoid.shape[1] > num_columns:
+        avoid = None  # not enough columns to avoid them all
+    blocked = out if avoid is None else torch.cat([out, avoid.to(torch.int64)], dim=1)
+    blocked_fill = torch.zeros_like(blocked, dtype=torch.bool)
+    blocked_fill[:, :fan_in] = fill
+    # Rejection works well while at most half the columns are blocked; denser rows take the
+    # lowest-hash free columns instead (exact, O(R x D)).
+    if 2 * blocked.shape[1] > num_columns:
+        return _fill_by_ranking(blocked, blocked_fill, rows, num_columns, key)[:, :fan_in]
+    slots = torch.arange(fan_in, device=ids.device)
+    pending = fill.clone()
+    for attempt in range(_MAX_ROUNDS):
+        drawn = hash_keys(*key, rows[:, None], slots[None, :], attempt) % num_columns
+        blocked[:, :fan_in] = torch.where(pending, drawn, blocked[:, :fan_in])
+        pending = _repeated(blocked)[:, :fan_in] & fill
+        if not bool(pending.any()):
+            return blocked[:, :fan_in].clone()
+    raise RuntimeError("could not draw distinct ids (please report this)")  # ~never: p < 0.5**64
+
+
+def _repeated(ids: torch.Tensor) -> torch.Tensor:
+    """(R, K) bool marking every slot whose id occurs more than once in its row.
+
+    Callers mask the result with the drawn slots: a drawn id that collides with a kept one redraws
+    while the kept one stays, and drawn ids that collide with each other all redraw.
+    """
+    order = torch.sort(ids, dim=1)
+    sorted_ids, perm = order.values, order.indices
+    same_as_next = torch.zeros_like(ids, dtype=torch.bool)
+    same_as_next[:, :-1] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    in_group = same_as_next.clone()
+    in_group[:, 1:] |= same_as_next[:, :-1]  # the slot after an equal pair is in the group too
+    marks = torch.zeros_like(in_group)
+    marks.scatter_(1, perm, in_group)
+    return marks
+
+
+def _fill_by_ranking(
+    out: torch.Tensor, fill: torch.Tensor, rows: torch.Tensor, num_columns: int, key: tuple[int, ...]
+) -> torch.Tensor:
+    columns = torch.arange(num_columns, device=out.device)
+    scores = hash_keys(*key, rows[:, None], columns[None, :]).to(torch.float64)
+    kept = torch.where(fill, torch.zeros_like(out), out)
+    taken = torch.zeros(out.shape[0], num_columns, dtype=torch.int64, device=out.device)
+    taken.scatter_add_(1, kept, (~fill).to(torch.int64))
+    scores[taken > 0] = float("inf")
+    need = int(fill.sum(1).max())  # at most the free columns, as callers keep blocked <= D
+    best = torch.topk(scores, need, dim=1, largest=False).indices  # (R, need) free columns, best first
+    rank = torch.cumsum(fill.to(torch.int64), dim=1) - 1  # j-th drawn slot takes the j-th best column
+    picked = torch.gather(best, 1, rank.clamp(min=0))
+    return torch.where(fill, picked, out)
