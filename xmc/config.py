@@ -1,0 +1,239 @@
+"""Training configuration: typed dataclasses are the schema, YAML files in ``configs/`` are instances.
+
+``load_config(path, overrides)`` reads a YAML file, applies ``key=value`` overrides with dotted keys
+(``train.epochs=3``, values parsed as YAML), rejects unknown keys with a suggestion, checks types and
+choices, and returns a :class:`Config`. ``save_config`` writes the resolved config into a run folder.
+Every default says what it trades off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: unknown key, wrong type, value out of range. The message names the key."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # training split: a file, or "FIRST,SECOND" for two-file formats
+    dev: str | None = None  # validation split for model selection; None: carve dev_fraction from train
+    dev_fraction: float = 0.1  # share of train held out when dev is None (0 disables validation)
+    test: str | None = None  # reported, never used for selection
+    format: str = "auto"  # bow, split, lf-json, text, features (precomputed .npy embeddings), or auto
+    labels: str | None = None  # label file (lbl.json.gz, or a vocabulary for text pairs); fixes L
+    exclude_test: str | None = None  # filter_labels_test.txt of LF sets: pairs dropped before scoring
+    text_fields: list[str] = field(default_factory=lambda: ["title", "content"])  # LF JSON fields encoded
+    propensity: str = "other"  # inverse-propensity preset for PSP@k: wikipedia, amazon or other
+
+
+@dataclass
+class EncoderConfig:
+    type: str = "bow"  # bow (TF-IDF into a learned projection), transformer, or features (.npy)
+    name_or_path: str = "minilm"  # transformer: a local folder, or "minilm" for the bundled MiniLM-L6
+    pooling: str = "mean"  # transformer pooling: cls or mean (masked mean over tokens)
+    max_length: int = 128  # tokens per document; longer = more context, quadratic attention cost
+    dropout: float = 0.1  # on the pooled representation; the anchors use 0.35-0.7 on large sets
+    gradient_checkpointing: bool = False  # recompute activations: less memory, ~30% slower steps
+    dim: int = 256  # bow encoder: width of the learned projection of the TF-IDF vector
+    vocab_size: int = 50_000  # bow over raw text: keep the most frequent words (by document frequency)
+    min_df: int = 2  # bow over raw text: ignore words in fewer training documents
+    freeze: bool = False  # train only the classifier (the fixed-feature setting)
+
+
+@dataclass
+class SETOptions:
+    enabled: bool = True  # rewire the fixed fan-in classifier during training
+    interval: int = 800  # optimizer steps between rewirings
+    end: float = 0.66  # stop rewiring after this fraction of the steps
+    prune: str = "fraction"  # fraction or threshold
+    fraction: float = 0.25
+    threshold: float = 0.01
+    floor: float = 1e-4  # the pruning knob decays on a cosine to this value
+
+
+@dataclass
+class MetaConfig:
+    enabled: bool = False  # auxiliary meta-classifier over label clusters (improves gradient flow)
+    clusters: int = 256  # label clusters; ~L / 64 is a good start (SPARTEX: 2,048 for 131K labels)
+    lam0: float = 0.4  # initial weight of the meta loss: (1 - lam) * main + lam * meta
+    cutoff_epoch: int = 5  # lam decays on a cosine to 0 at this epoch, then the meta loss is off
+
+
+@dataclass
+class ClassifierConfig:
+    type: str = "fixed_fanin"  # dense, fixed_fanin or rps
+    fan_in: int = 32  # fixed fan-in K; memory ~ L * K, accuracy drops when K is far below D
+    intermediate: int = 0  # width of a layer between encoder and classifier (0 = none; SPARTEX: 4096)
+    bias: bool = True
+    set: SETOptions = field(default_factory=SETOptions)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    max_steps: int = 0  # stop after this many optimizer steps (0 = no limit)
+    batch_size: int = 64  # documents per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
+    loss: str = "squared_hinge"  # squared_hinge or bce
+    encoder_lr: float = 1e-3  # transformers want 1e-5..5e-5; the bow encoder learns faster
+    classifier_lr: float = 1e-2
+    classifier_optimizer: str = "adamw"  # adamw or sgd (momentum 0.9)
+    encoder_weight_decay: float = 0.01
+    classifier_weight_decay: float = 1e-4
+    warmup: float = 0.05  # warmup as a fraction of the total steps, then cosine decay
+    clip_grad_norm: float = 1.0  # 0 disables clipping
+    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32), no, bf16 or fp16
+    eval_every: int = 1  # epochs between dev evaluations
+    patience: int = 0  # stop after this many evaluations without dev P@1 improving (0 = never)
+    eval_batch_size: int = 256
+    save_every: int = 0  # also checkpoint every this many optimizer steps (0 = only at evaluations)
+    device: str = "auto"  # auto (CUDA when present), cpu or cuda
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+
+
+CHOICES = {
+    "data.format": ("auto", "bow", "split", "lf-json", "text", "features"),
+    "data.propensity": ("wikipedia", "amazon", "other"),
+    "encoder.type": ("bow", "transformer", "features"),
+    "encoder.pooling": ("cls", "mean"),
+    "classifier.type": ("dense", "fixed_fanin", "rps"),
+    "classifier.set.prune": ("fraction", "threshold"),
+    "train.loss": ("squared_hinge", "bce"),
+    "train.classifier_optimizer": ("adamw", "sgd"),
+    "train.precision": ("auto", "no", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+PATH_KEYS = ("data.train", "data.dev", "data.test", "data.labels", "data.exclude_test")
+
+
+def default_config_path() -> Path:
+    """``configs/default.yaml`` of the source tree this package was installed from."""
+    return Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides and validate.
+
+    Relative data paths in the file are resolved against the file's folder when they exist there
+    (so shipped configs work from any directory); paths given as overrides are taken as typed.
+    """
+    path = Path(path) if path is not None else default_config_path()
+    if not path.exists():
+        raise ConfigError(f"config file {path} not found")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    _resolve_paths(raw, path.parent)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=3)")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    return build(Config, raw, "")
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    from xmc.data.atomic import atomic_open
+
+    with atomic_open(path) as handle:
+        handle.write(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False).encode())
+
+
+def _resolve_paths(raw: dict, base: Path) -> None:
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = (raw.get(section) or {}).get(name)
+        if isinstance(value, str) and value:
+            parts = [
+                p if os.path.isabs(p) or not (base / p).exists() else str(base / p) for p in value.split(",")
+            ]
+            raw[section][name] = ",".join(parts)
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build(cls: type, raw: Any, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from a nested mapping, checking keys, types and choices."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), sorted(names), n=1)
+            hint = (
+                f"; did you mean '{prefix}{close[0]}'?"
+                if close
+                else f"; known keys: {', '.join(sorted(names))}"
+            )
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        dotted = prefix + f.name
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind):
+            values[f.name] = build(kind, raw[f.name], dotted + ".")
+        else:
+            values[f.name] = _coerce(dotted, raw[f.name], kind)
+    obj = cls(**values)
+    for f in dataclasses.fields(cls):
+        dotted = prefix + f.name
+        if dotted in CHOICES and getattr(obj, f.name) not in CHOICES[dotted]:
+            raise ConfigError(
+                f"{dotted} must be one of {', '.join(CHOICES[dotted])}, got {getattr(obj, f.name)!r}"
+            )
+    return obj
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        kind = next(k for k in options if k is not type(None))
+        origin = typing.get_origin(kind)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(key, v, typing.get_args(kind)[0]) for v in value]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {kind.__name__}, got {value!r}")
+    return value
