@@ -35,6 +35,8 @@ class DenseClassifier(Classifier):
 
     def chunk_logits(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         bias = None if self.bias is None else self.bias[start:stop]
+        if not torch.is_autocast_enabled(h.device.type):
+            h = h.to(self.weight.dtype)  # e.g. bf16 activations recomputed outside autocast in backward
         return F.linear(h, self.weight[start:stop], bias)
 
     def chunk_backward(self, h, grad_logits, start, stop):

@@ -20,7 +20,7 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from xmc.cli import data, evaluate
+    from xmc.cli import data, embed, evaluate, predict, train
 
     parser = argparse.ArgumentParser(
         prog="xmc",
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"xmc {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (data, evaluate):
+    for module in (train, predict, evaluate, data, embed):
         module.register(sub)
     return parser
 
@@ -43,10 +43,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     from xmc.data import FormatError
+    from xmc.train.loop import TrainingError
 
     try:
         return int(args.func(args) or 0)
-    except (UsageError, FormatError, FileNotFoundError, ValueError) as err:
+    except (UsageError, FormatError, FileNotFoundError, ValueError, TrainingError) as err:
         if args.verbose and not isinstance(err, (UsageError, FormatError)):
             raise
         print(f"xmc {args.command}: error: {err}", file=sys.stderr)

@@ -1,0 +1,117 @@
+"""Python API: load a finished run and predict labels for new documents.
+
+    import xmc
+    model = xmc.load("runs/20261123-default")
+    model.predict(["Council regulation on the common organisation of the market in wine"], k=5)
+    # -> [[("wine", 7.1), ("common agricultural policy", 5.3), ...]]
+
+A run folder is self-contained: ``config.yaml``, ``model.json`` and ``best.safetensors`` (with the
+bag-of-words vocabulary or, for transformers, ``encoder/`` holding the model config and tokenizer).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xmc.config import load_config
+from xmc.encoders import FeaturesInputs, Inputs, SplitSource, build_token_inputs
+from xmc.train.checkpoint import load_model
+from xmc.train.run import build_model, resolve_device, resolve_precision
+
+
+class Predictor:
+    """A trained model with what it needs to turn raw inputs into top-k labels."""
+
+    def __init__(self, run_dir: str | os.PathLike, device: str = "auto") -> None:
+        run = Path(run_dir)
+        for name in ("config.yaml", "model.json", "best.safetensors"):
+            if not (run / name).exists():
+                raise FileNotFoundError(
+                    f"{run}: {name} missing; is this the folder of a finished xmc train run?"
+                )
+        self.run_dir = run
+        self.config = load_config(run / "config.yaml")
+        self.card = json.loads((run / "model.json").read_text())
+        self.label_names: list[str] | None = self.card.get("label_names")
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(self.config.train.precision, self.device)
+        encoder = self._encoder()
+        clusters = None
+        if self.card.get("meta_clusters"):
+            clusters = np.zeros(self.card["num_labels"], np.int64)  # overwritten by the saved buffer
+        self.model = build_model(self.config, encoder, self.card["num_labels"], clusters)
+        load_model(self.model, run / "best.safetensors")
+        self.model.to(self.device).eval()
+
+    def _encoder(self):
+        cfg = self.config.encoder
+        if cfg.type == "bow":
+            from xmc.encoders import BowEncoder
+
+            return BowEncoder(self.card["encoder_num_features"], cfg.dim, cfg.dropout)
+        if cfg.type == "features":
+            from xmc.encoders import FeaturesEncoder
+
+            return FeaturesEncoder(self.card["encoder_out_features"], cfg.dropout)
+        from transformers import AutoConfig, AutoTokenizer
+
+        from xmc.encoders import TransformerEncoder
+
+        folder = self.run_dir / "encoder"
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        hf_config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        return TransformerEncoder.from_config(hf_config, cfg.pooling, cfg.dropout)
+
+    def inputs(self, source: SplitSource, progress: bool = False) -> Inputs:
+        """Encoder inputs for new documents (raw text, bag-of-words counts or embeddings)."""
+        kind = self.config.encoder.type
+        if kind == "bow":
+            texts = source.texts() if source.texts is not None else None
+            return self.model.encoder.inputs_for(X=source.X, texts=texts)
+        if kind == "features":
+            return FeaturesInputs(source.features)
+        return build_token_inputs(source, self.tokenizer, self.config.encoder.max_length, progress)
+
+    @torch.no_grad()
+    def topk(self, inputs: Inputs, k: int, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores float32 (N, k), ids int32 (N, k))`` best first over all labels."""
+        from xmc.train.loop import _autocast
+
+        batch_size = batch_size or self.config.train.eval_batch_size
+        n = len(inputs)
+        scores, ids = np.empty((n, k), np.float32), np.empty((n, k), np.int32)
+        for start in range(0, n, batch_size):
+            rows = np.arange(start, min(start + batch_size, n))
+            batch = {key: v.to(self.device) for key, v in inputs.batch(rows).items()}
+            with _autocast(self.device, self.precision):
+                h = self.model.represent(batch)
+            top_scores, top_ids = self.model.classifier.topk(h.float(), k)
+            scores[rows], ids[rows] = top_scores.cpu().numpy(), top_ids.cpu().numpy()
+        return scores, ids
+
+    def predict(self, texts: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
+        """Top ``k`` (label name, score) pairs for each raw text (label ids as names when unnamed)."""
+        if self.config.encoder.type == "features":
+            raise ValueError(
+                "this model reads precomputed embeddings: compute them with `xmc embed`, then topk()"
+            )
+        texts = list(texts)
+        scores, ids = self.topk(self.inputs(SplitSource(texts=lambda: texts)), k)
+        return [
+            [(self.label_name(int(i)), float(s)) for s, i in zip(srow, irow, strict=True) if i >= 0]
+            for srow, irow in zip(scores, ids, strict=True)
+        ]
+
+    def label_name(self, label: int) -> str:
+        return self.label_names[label] if self.label_names else str(label)
+
+
+def load(run_dir: str | os.PathLike, device: str = "auto") -> Predictor:
+    """Load the best model of a finished run (see :class:`Predictor`)."""
+    return Predictor(run_dir, device)

@@ -1,0 +1,262 @@
+"""Bag-of-words encoder: a TF-IDF vector projected by a learned ``EmbeddingBag``.
+
+Weighting, for bag-of-words files and raw text alike: each entry becomes ``log1p(tf) * idf`` with
+``idf = log((1 + N) / (1 + df)) + 1`` fitted on the training split (N documents, df of them holding
+the feature), then every row is L2-normalized. Features that never occur in the training split get
+weight 0: their embedding rows would never receive a gradient, so they could only add init noise.
+
+Raw text is first turned into counts over a word vocabulary built from the training texts
+(lower-cased ``\\w+`` tokens; the ``vocab_size`` words of highest document frequency with
+``df >= min_df``, ties to the lexicographically smaller word), cached in ``$XMC_CACHE/vocab/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from itertools import chain
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from xmc.cache import cache_dir, file_checksum, key_of
+from xmc.data.atomic import atomic_open
+from xmc.encoders.base import Encoder
+
+log = logging.getLogger(__name__)
+
+_WORD = re.compile(r"\w+")
+_VOCAB_VERSION = 1  # bump when the tokenization or the selection rule changes
+_CHUNK_DOCS = 8192  # documents tokenized at a time: bounds the memory held by Python token lists
+
+
+def words(text: str) -> list[str]:
+    """The word tokens of ``text``: lower-cased runs of Unicode word characters (``\\w+``)."""
+    return _WORD.findall(text.lower())
+
+
+def _chunks(texts: Sequence[str]) -> Iterator[list[list[str]]]:
+    for start in range(0, len(texts), _CHUNK_DOCS):
+        yield [words(t) for t in texts[start : start + _CHUNK_DOCS]]
+
+
+def select_vocabulary(texts: Sequence[str], vocab_size: int, min_df: int) -> list[str]:
+    """The ``vocab_size`` words of highest document frequency with ``df >= min_df``.
+
+    Ties go to the lexicographically smaller word, so the result depends on the texts alone.
+    Position in the returned list is the feature id.
+    """
+    df: Counter[str] = Counter()
+    for chunk in _chunks(texts):
+        # Counter.update over an iterable counts in C; one set per document gives document frequency.
+        df.update(chain.from_iterable(map(set, chunk)))
+    kept = [(count, word) for word, count in df.items() if count >= min_df]
+    kept.sort(key=lambda item: (-item[0], item[1]))
+    return [word for _, word in kept[:vocab_size]]
+
+
+def build_vocabulary(
+    texts: Callable[[], Sequence[str]],
+    sources: Sequence[str | os.PathLike],
+    vocab_size: int,
+    min_df: int,
+    variant: str = "",
+) -> list[str]:
+    """The training vocabulary (see :func:`select_vocabulary`), from the cache when present.
+
+    Args:
+        texts: called only on a cache miss; the training documents.
+        sources: the files the texts come from; their checksums key the cache.
+        variant: anything else that shapes ``texts``, part of the key.
+    """
+    key = key_of(
+        "bow-vocab",
+        _VOCAB_VERSION,
+        *(file_checksum(p) for p in sources),
+        variant,
+        vocab_size,
+        min_df,
+        _WORD.pattern,
+    )
+    path = cache_dir("vocab") / f"{key}.txt"
+    if path.exists():
+        log.info("vocabulary from cache %s", path)
+        # Words hold no whitespace, so one per line is unambiguous.
+        return path.read_text(encoding="utf-8").split("\n")[:-1]
+    vocabulary = select_vocabulary(texts(), vocab_size, min_df)
+    with atomic_open(path) as handle:
+        handle.write("".join(f"{w}\n" for w in vocabulary).encode("utf-8"))
+    log.info("vocabulary of %d words cached in %s", len(vocabulary), path)
+    return vocabulary
+
+
+class _Index(dict):
+    """Word -> feature id; unknown words map to -1 without a Python-level ``get`` per token."""
+
+    def __missing__(self, key: str) -> int:
+        return -1
+
+
+def count_matrix(texts: Sequence[str], vocabulary: Sequence[str]) -> sp.csr_matrix:
+    """Word counts of ``texts`` over ``vocabulary``: float32 CSR ``(N, len(vocabulary))``.
+
+    Words outside the vocabulary are dropped; a document without known words is an empty row.
+    Token lookups run through ``map`` and ``np.fromiter`` (C loops), so 50k documents take seconds.
+    """
+    index = _Index((w, i) for i, w in enumerate(vocabulary))
+    blocks = []
+    for chunk in _chunks(texts):
+        lengths = np.fromiter(map(len, chunk), np.int64, len(chunk))
+        ids = np.fromiter(map(index.__getitem__, chain.from_iterable(chunk)), np.int64, int(lengths.sum()))
+        rows = np.repeat(np.arange(len(chunk), dtype=np.int64), lengths)
+        known = ids >= 0
+        data = np.ones(int(known.sum()), np.float32)
+        # COO -> CSR sums the repeated (row, word) pairs into counts.
+        block = sp.coo_matrix((data, (rows[known], ids[known])), shape=(len(chunk), len(vocabulary)))
+        blocks.append(block.tocsr())
+    if not blocks:
+        return sp.csr_matrix((0, len(vocabulary)), dtype=np.float32)
+    X = sp.vstack(blocks, format="csr", dtype=np.float32)
+    X.sort_indices()
+    return X
+
+
+def _canonical(X: sp.spmatrix) -> sp.csr_matrix:
+    """A float64 CSR copy without duplicate entries or stored zeros (so df counts are right)."""
+    X = sp.csr_matrix(X, dtype=np.float64, copy=True)
+    X.sum_duplicates()
+    X.eliminate_zeros()
+    return X
+
+
+def fit_idf(X_train: sp.spmatrix) -> np.ndarray:
+    """``idf = log((1 + N) / (1 + df)) + 1`` per feature, float32 ``(F,)``; 0 where ``df == 0``.
+
+    ``X_train``: training features ``(N, F)``; any nonzero counts as an occurrence.
+    """
+    X = _canonical(X_train)
+    n, num_features = X.shape
+    df = np.bincount(X.indices, minlength=num_features)
+    idf = np.log((1.0 + n) / (1.0 + df)) + 1.0
+    idf[df == 0] = 0.0
+    return idf.astype(np.float32)
+
+
+def tfidf(X: sp.spmatrix, idf: np.ndarray) -> sp.csr_matrix:
+    """``log1p(tf) * idf`` with L2-normalized rows: float32 CSR ``(N, len(idf))``.
+
+    ``X`` (``(N, F')``, non-negative counts or binary values) may have fewer or more columns than
+    ``idf``: missing ones are absent, extra ones (never seen in training) are dropped. Rows
+    without any weighted feature stay empty.
+    """
+    X = _canonical(X)
+    if X.nnz and X.data.min() < 0:
+        raise ValueError("bag-of-words features must be non-negative (counts, binary or tf values)")
+    num_features = len(idf)
+    weight = np.zeros(X.shape[1], np.float64)
+    shared = min(num_features, X.shape[1])
+    weight[:shared] = idf[:shared]
+    X.data = np.log1p(X.data) * weight[X.indices]
+    X.eliminate_zeros()  # unseen features: keep the bags short
+    rows = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
+    norms = np.sqrt(np.bincount(rows, weights=X.data**2, minlength=X.shape[0]))
+    X.data /= norms[rows]  # every stored row has a positive norm after eliminate_zeros
+    out = sp.csr_matrix(
+        (X.data.astype(np.float32), X.indices, X.indptr), shape=(X.shape[0], num_features), copy=False
+    )
+    out.sort_indices()
+    return out
+
+
+class BowInputs:
+    """TF-IDF rows of one split, batched for ``nn.EmbeddingBag``.
+
+    ``batch(rows)`` returns ``bow_indices`` int64 ``(nnz,)``, ``bow_offsets`` int64 ``(B,)`` (where each
+    row's bag starts) and ``bow_weights`` float32 ``(nnz,)``.
+    """
+
+    def __init__(self, X: sp.csr_matrix) -> None:
+        self.X = X.tocsr()
+
+    def __len__(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def num_features(self) -> int:
+        return self.X.shape[1]
+
+    def batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        sub = self.X[np.asarray(rows, dtype=np.int64)]
+        return {
+            "bow_indices": torch.from_numpy(sub.indices.astype(np.int64)),
+            "bow_offsets": torch.from_numpy(sub.indptr[:-1].astype(np.int64)),
+            "bow_weights": torch.from_numpy(sub.data.astype(np.float32)),
+        }
+
+
+class BowEncoder(Encoder):
+    """``x_tfidf @ W + b`` through ``nn.EmbeddingBag(mode="sum")``, then dropout.
+
+    Args:
+        num_features: F, the width of the TF-IDF vectors.
+        dim: output width (``out_features``).
+        dropout: dropout probability on the output, applied in training mode.
+
+    ``forward`` takes the keys of :class:`BowInputs` and returns float ``(B, dim)``; an empty bag
+    gives the bias alone.
+
+    The fitted weighting travels with the weights, so a checkpoint alone can encode new documents
+    (:meth:`inputs_for`): ``idf`` is a float32 ``(F,)`` buffer and ``vocabulary`` (the training words
+    for raw text, ``None`` for bag-of-words files) is saved as the module's extra state.
+    """
+
+    def __init__(self, num_features: int, dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.out_features = dim
+        self.bag = nn.EmbeddingBag(num_features, dim, mode="sum")
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.dropout = nn.Dropout(dropout)
+        # Input rows are L2-normalized, so each output coordinate sum_j x_j W_jk has variance
+        # ||x||^2 std^2 = std^2 whatever the document length. std 1 gives unit-variance
+        # coordinates, the scale the classifiers' init assumes of their inputs (as for a
+        # transformer's hidden states); 1/sqrt(nnz) would only be right for unnormalized counts.
+        nn.init.normal_(self.bag.weight, mean=0.0, std=1.0)
+        self.register_buffer("idf", torch.zeros(num_features))
+        self.vocabulary: list[str] | None = None
+
+    def set_weighting(self, idf: np.ndarray, vocabulary: Sequence[str] | None = None) -> None:
+        """Remember the fitted IDF (``(F,)``) and, for raw text, the vocabulary (F words)."""
+        if len(idf) != self.idf.shape[0] or (vocabulary is not None and len(vocabulary) != len(idf)):
+            raise ValueError(f"the weighting must cover the encoder's {self.idf.shape[0]} features")
+        self.idf.copy_(torch.from_numpy(np.asarray(idf, np.float32)))
+        self.vocabulary = None if vocabulary is None else list(vocabulary)
+
+    def inputs_for(self, X: sp.spmatrix | None = None, texts: Sequence[str] | None = None) -> BowInputs:
+        """TF-IDF inputs of new documents, given as counts ``X`` or (raw-text models) ``texts``."""
+        idf = self.idf.cpu().numpy()
+        if texts is not None:
+            if self.vocabulary is None:
+                raise ValueError("this bow encoder was trained on bag-of-words features, not raw text")
+            X = count_matrix(texts, self.vocabulary)
+        if X is None:
+            raise ValueError("give X (bag-of-words counts) or texts")
+        return BowInputs(tfidf(X, idf))
+
+    def get_extra_state(self) -> dict:
+        return {"vocabulary": self.vocabulary}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.vocabulary = state.get("vocabulary")
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = self.bag(
+            batch["bow_indices"],
+            batch["bow_offsets"],
+            per_sample_weights=batch["bow_weights"].to(self.bag.weight.dtype),
+        )
+        return self.dropout(h + self.bias)

@@ -1,0 +1,1 @@
+"""Training: data loading, model assembly, the loop, checkpoints, evaluation."""

@@ -1,0 +1,87 @@
+"""Checkpoints that survive a kill at any moment.
+
+A checkpoint is a folder ``ckpt-<step>`` holding ``model.safetensors`` (every parameter and buffer,
+fixed fan-in ids included), ``training.pt`` (optimizer, scheduler and scaler states, SET state, RNG
+states and the data position; loaded with ``torch.load(weights_only=True)``, so no arbitrary pickled
+object is ever executed) and ``meta.json``. It is written under a temporary name and renamed when
+complete; then the one-line file ``latest`` is replaced atomically to point at it, and older
+checkpoints are removed. A reader follows ``latest`` and so only ever sees a whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from xmc.data.atomic import atomic_open
+
+
+def _extra_path(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".safetensors") + ".extra.json")
+
+
+def save_model(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """``model.state_dict()``: tensors as safetensors, and modules' extra state (e.g. a bag-of-words
+    vocabulary) as JSON beside it (``<name>.extra.json``); each file written atomically."""
+    path = Path(path)
+    state = model.state_dict()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if torch.is_tensor(v)}
+    extra = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+    if extra:
+        with atomic_open(_extra_path(path)) as handle:
+            handle.write(json.dumps(extra).encode())
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_model(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no model weights here (is this a finished or checkpointed run folder?)"
+        )
+    state: dict[str, Any] = dict(load_file(str(path)))
+    if _extra_path(path).exists():
+        state.update(json.loads(_extra_path(path).read_text()))
+    model.load_state_dict(state)
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: torch.nn.Module, training: dict[str, Any], keep: int = 1
+) -> Path:
+    """Write ``run_dir/ckpt-<step>`` completely, point ``latest`` at it, drop all but ``keep`` newest."""
+    final = run_dir / f"ckpt-{step:09d}"
+    tmp = run_dir / f".ckpt-{step:09d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, tmp / "model.safetensors")
+    torch.save(training, tmp / "training.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with atomic_open(run_dir / "latest") as handle:
+        handle.write(final.name.encode())
+    for old in sorted(run_dir.glob("ckpt-*"))[:-keep]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "latest"
+    if not pointer.exists():
+        return None
+    folder = run_dir / pointer.read_text().strip()
+    return folder if folder.exists() else None
+
+
+def load_checkpoint(folder: Path, model: torch.nn.Module) -> dict[str, Any]:
+    load_model(model, folder / "model.safetensors")
+    return torch.load(folder / "training.pt", map_location="cpu", weights_only=True)

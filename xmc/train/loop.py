@@ -1,0 +1,308 @@
+"""The training loop: one flat function over micro-batches, optimizer steps and evaluations.
+
+Steps, in order: micro-batches of ``batch_size`` documents (order: a permutation keyed by (seed,
+epoch), so a resumed run sees the same batches), ``grad_accum`` of them per optimizer step; the
+gradients are unscaled (fp16), clipped, and checked: a non-finite gradient skips the step (weights,
+ids and optimizer state untouched; fp16 lowers the loss scale), and ``MAX_BAD_STEPS`` non-finite
+steps in a row stop the run with the last good checkpoint intact. After each optimizer step the
+schedules advance and SET rewires when due. Every ``eval_every`` epochs the dev split is scored, the
+best model is kept in ``best/``, and a checkpoint is written; ``patience`` evaluations without
+improvement stop training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from xmc.config import Config
+from xmc.dst import SET, SETConfig
+from xmc.losses import Positives
+from xmc.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from xmc.train.evaluation import evaluate_split
+
+log = logging.getLogger(__name__)
+
+MAX_BAD_STEPS = 3  # non-finite optimizer steps in a row that stop a run
+MAX_BAD_STEPS_FP16 = 25  # fp16 halves its loss scale at each overflow: allow it to come down first
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stays NaN); the message says why and what to change."""
+
+
+@dataclass
+class Position:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0
+    micro: int = 0  # next micro-batch of the epoch
+    step: int = 0  # optimizer steps done
+    best: float = -1.0  # best dev P@1
+    evals_since_best: int = 0
+    skipped: int = 0
+    history: list = field(default_factory=list)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _schedule(warmup: float, total: int):
+    warm = max(1, int(warmup * total))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return factor
+
+
+def build_optimizers(config: Config, model) -> list[torch.optim.Optimizer]:
+    t = config.train
+    encoder_params, classifier_params = model.parameter_groups()
+    optimizers = []
+    if encoder_params:
+        optimizers.append(
+            torch.optim.AdamW(encoder_params, lr=t.encoder_lr, weight_decay=t.encoder_weight_decay)
+        )
+    if t.classifier_optimizer == "sgd":
+        optimizers.append(
+            torch.optim.SGD(
+                classifier_params, lr=t.classifier_lr, momentum=0.9, weight_decay=t.classifier_weight_decay
+            )
+        )
+    else:
+        optimizers.append(
+            torch.optim.AdamW(classifier_params, lr=t.classifier_lr, weight_decay=t.classifier_weight_decay)
+        )
+    return optimizers
+
+
+def train(
+    config: Config,
+    model,
+    data,
+    inputs,
+    run_dir: Path,
+    device: torch.device,
+    precision: str,
+    resume: bool = False,
+    meta_weight_fn=None,
+    progress: bool = True,
+    step_hook=None,
+) -> Position:
+    """Train ``model`` in place; returns the final position. ``step_hook(model, step)`` runs after each
+    backward (tests use it to inject faults)."""
+    t = config.train
+    train_split = data.splits["train"]
+    train_inputs = inputs[train_split.source]
+    n = len(train_split.rows)
+    micro_per_epoch = math.ceil(n / t.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / t.grad_accum)
+    total_steps = steps_per_epoch * t.epochs
+    if t.max_steps:
+        total_steps = min(total_steps, t.max_steps)
+    optimizers = build_optimizers(config, model)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _schedule(t.warmup, total_steps)) for o in optimizers]
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    dst = None
+    if config.classifier.type == "fixed_fanin" and config.classifier.set.enabled:
+        options = {k: v for k, v in vars(config.classifier.set).items() if k != "enabled"}
+        dst = SET(
+            model.classifier.layer,
+            total_steps,
+            SETConfig(**options),
+            optimizer=optimizers[-1],
+            seed=config.seed,
+        )
+    pos = Position()
+    if resume and (folder := latest_checkpoint(run_dir)) is not None:
+        state = load_checkpoint(folder, model)
+        for o, s in zip(optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
+        for s, st in zip(schedulers, state["schedulers"], strict=True):
+            s.load_state_dict(st)
+        scaler.load_state_dict(state["scaler"])
+        if dst is not None:
+            dst.load_state_dict(state["dst"])
+        torch.set_rng_state(state["rng"])
+        pos = Position(**state["position"])
+        log.info("resumed from %s at epoch %d, step %d", folder, pos.epoch, pos.step)
+
+    def checkpoint() -> None:
+        state = {
+            "optimizers": [o.state_dict() for o in optimizers],
+            "schedulers": [s.state_dict() for s in schedulers],
+            "scaler": scaler.state_dict(),
+            "dst": dst.state_dict() if dst is not None else {},
+            "rng": torch.get_rng_state(),
+            "position": vars(pos),
+        }
+        save_checkpoint(run_dir, pos.step, model, state)
+
+    params = [p for g in model.parameter_groups() for p in g]
+    interrupted = False
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
+    writer = _tensorboard(run_dir)
+    bad_in_a_row = 0
+    examples, started = 0, time.perf_counter()
+    try:
+        while pos.epoch < t.epochs and not (t.max_steps and pos.step >= t.max_steps):
+            order = np.random.default_rng([config.seed, pos.epoch]).permutation(n)
+            bar = tqdm(
+                total=micro_per_epoch,
+                initial=pos.micro,
+                desc=f"epoch {pos.epoch + 1}/{t.epochs}",
+                unit="batch",
+                disable=not progress,
+                leave=False,
+                dynamic_ncols=True,
+            )
+            model.train()
+            while pos.micro < micro_per_epoch and not (t.max_steps and pos.step >= t.max_steps):
+                window = range(pos.micro, min(pos.micro + t.grad_accum, micro_per_epoch))
+                loss_sum = torch.zeros((), device=device)
+                for micro in window:
+                    local = order[micro * t.batch_size : (micro + 1) * t.batch_size]
+                    batch = {
+                        k: v.to(device, non_blocking=True)
+                        for k, v in train_inputs.batch(train_split.rows[local]).items()
+                    }
+                    positives = Positives.from_csr(train_split.Y[local], device=device)
+                    lam = meta_weight_fn(pos.epoch + micro / micro_per_epoch) if meta_weight_fn else 0.0
+                    with _autocast(device, precision):
+                        loss = model.loss(batch, positives, t.loss, lam) / len(window)
+                    scaler.scale(loss).backward()
+                    loss_sum += loss.detach()
+                    examples += len(local)
+                if step_hook is not None:
+                    step_hook(model, pos.step)
+                for o in optimizers:
+                    scaler.unscale_(o)
+                norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm or float("inf"))
+                finite = bool(torch.isfinite(norm)) and bool(torch.isfinite(loss_sum))
+                if finite:
+                    for o in optimizers:
+                        scaler.step(o)
+                    for s in schedulers:
+                        s.step()
+                    pos.step, pos.micro, bad_in_a_row = pos.step + 1, window.stop, 0
+                    if dst is not None:
+                        dst.step()
+                else:
+                    pos.skipped, pos.micro, bad_in_a_row = pos.skipped + 1, window.stop, bad_in_a_row + 1
+                scaler.update()  # lowers the fp16 scale after an overflow
+                for o in optimizers:
+                    o.zero_grad(set_to_none=True)
+                bar.update(len(window))
+                if bad_in_a_row >= (MAX_BAD_STEPS_FP16 if precision == "fp16" else MAX_BAD_STEPS):
+                    raise TrainingError(
+                        f"the loss or gradient was not finite for {bad_in_a_row} optimizer steps in a row "
+                        f"(last at step {pos.step}): lower train.classifier_lr / train.encoder_lr, keep "
+                        "train.clip_grad_norm on, or use train.precision=no; the last good checkpoint in "
+                        f"{run_dir} is intact (resume with --resume)"
+                    )
+                if finite and pos.step % 20 == 0:
+                    value = float(loss_sum)
+                    rate = examples / max(time.perf_counter() - started, 1e-9)
+                    bar.set_postfix(loss=f"{value:.4g}", ex_s=f"{rate:.0f}", mem=_memory(device))
+                    if writer is not None:
+                        writer.add_scalar("train/loss", value, pos.step)
+                        writer.add_scalar("train/lr_classifier", schedulers[-1].get_last_lr()[0], pos.step)
+                if t.save_every and finite and pos.step % t.save_every == 0:
+                    checkpoint()
+            bar.close()
+            stop = False
+            if pos.micro >= micro_per_epoch:
+                pos.epoch, pos.micro = pos.epoch + 1, 0
+                if "dev" in data.splits and (pos.epoch % t.eval_every == 0 or pos.epoch == t.epochs):
+                    stop = _evaluate(config, model, data, inputs, device, precision, pos, run_dir, writer)
+            checkpoint()
+            if stop:
+                log.info("stopping early: dev P@1 has not improved for %d evaluations", t.patience)
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+        checkpoint()  # at the last completed optimizer step; a half-accumulated window is redone
+        log.warning(
+            "interrupted: checkpoint saved in %s; continue with: xmc train --resume --run-dir %s",
+            run_dir,
+            run_dir,
+        )
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if writer is not None:
+            writer.close()
+    if interrupted:
+        raise KeyboardInterrupt
+    if "dev" not in data.splits or not (run_dir / "best.safetensors").exists():
+        save_model(model, run_dir / "best.safetensors")  # without validation the final model is the best
+    pos.history.append({"train_seconds": time.perf_counter() - started, "examples": examples})
+    return pos
+
+
+def _evaluate(config, model, data, inputs, device, precision, pos, run_dir, writer) -> bool:
+    """Score dev, keep the best model; True when early stopping should end training."""
+    metrics = evaluate_split(
+        model, data.splits["dev"], inputs, device, precision, config.train.eval_batch_size
+    )
+    p1 = metrics["P@1"]
+    pos.history.append({"epoch": pos.epoch, "step": pos.step, **{f"dev/{k}": v for k, v in metrics.items()}})
+    if writer is not None:
+        for key, value in metrics.items():
+            writer.add_scalar(f"dev/{key}", value, pos.step)
+    improved = p1 > pos.best
+    log.info(
+        "epoch %d: dev P@1 %.2f P@3 %.2f P@5 %.2f%s",
+        pos.epoch,
+        100 * p1,
+        100 * metrics["P@3"],
+        100 * metrics["P@5"],
+        " (best)" if improved else "",
+    )
+    if improved:
+        pos.best, pos.evals_since_best = p1, 0
+        save_model(model, run_dir / "best.safetensors")
+    else:
+        pos.evals_since_best += 1
+    return bool(config.train.patience) and pos.evals_since_best >= config.train.patience
+
+
+def _memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
+    return ""
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency, but a broken install must not stop training
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread() and os.name == "posix"

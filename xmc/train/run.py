@@ -1,0 +1,245 @@
+"""A whole run: data, model, training, selection on dev, test predictions, ``metrics.json``.
+
+The run folder receives the resolved ``config.yaml``, ``model.json`` (what is needed to rebuild the
+model without the training data), checkpoints, ``best.safetensors``, ``predictions.npz`` (top 100 of
+``data.test``), ``metrics.json`` and TensorBoard logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xmc.config import Config, save_config
+from xmc.data.atomic import atomic_open
+from xmc.encoders import build_encoder_and_inputs
+from xmc.metrics import PROPENSITY_PRESETS, format_table, inv_propensity
+from xmc.predictions import save_predictions
+from xmc.train.checkpoint import load_model
+from xmc.train.data import load_data
+from xmc.train.evaluation import evaluate_split, most_frequent_topk, predict_split
+from xmc.train.loop import train
+from xmc.train.model import XMCModel, build_classifier
+
+log = logging.getLogger(__name__)
+
+PREDICT_K = 100
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is available: use train.device=auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    return name
+
+
+def build_model(config: Config, encoder, num_labels: int, clusters: np.ndarray | None = None) -> XMCModel:
+    width = encoder.out_features
+    intermediate = None
+    if config.classifier.intermediate:
+        intermediate = torch.nn.Linear(width, config.classifier.intermediate)
+        width = config.classifier.intermediate
+    classifier = build_classifier(config.classifier, width, num_labels, config.seed)
+    meta = None
+    if clusters is not None:
+        from xmc.meta import MetaHead
+
+        meta = MetaHead(width, torch.from_numpy(clusters), config.classifier.meta.clusters)
+    return XMCModel(encoder, classifier, intermediate, meta)
+
+
+def _label_clusters(config: Config, data, inputs) -> np.ndarray:
+    """Balanced label clusters from the training documents' features (TF-IDF or embeddings; for a
+    transformer, a TF-IDF of the training texts), cached by the source files' checksums."""
+    from xmc.clusters import cluster_labels
+    from xmc.encoders import build_vocabulary, count_matrix, fit_idf, tfidf
+
+    split = data.splits["train"]
+    source = data.sources[split.source]
+    if source.X is not None or source.features is not None:
+        X = inputs[split.source].X if source.X is not None else np.asarray(source.features)
+    else:
+        vocabulary = build_vocabulary(source.texts, source.sources, 30_000, 2, source.variant)
+        counts = count_matrix(source.texts(), vocabulary)
+        X = tfidf(counts, fit_idf(counts))
+    return cluster_labels(
+        X[split.rows], split.Y, config.classifier.meta.clusters, config.seed, sources=source.sources
+    )
+
+
+def run_training(
+    config: Config,
+    run_dir: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    config_name: str | None = None,
+    step_hook=None,
+) -> dict:
+    """Train per ``config`` into ``run_dir``; returns the metrics written to ``metrics.json``."""
+    torch.manual_seed(config.seed)
+    stem = Path(config_name).stem if config_name else "default"
+    run = Path(run_dir) if run_dir else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}"
+    if resume and not (run / "config.yaml").exists():
+        raise FileNotFoundError(f"{run}: no run to resume here (config.yaml missing)")
+    run.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(config.train.device)
+    precision = resolve_precision(config.train.precision, device)
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("train.precision=bf16 but this GPU has no bf16: use fp16 or no")
+
+    started = time.perf_counter()
+    data = load_data(config.data, config.seed)
+    encoder, inputs = build_encoder_and_inputs(config.encoder, data.sources, progress=progress)
+    clusters = _label_clusters(config, data, inputs) if config.classifier.meta.enabled else None
+    model = build_model(config, encoder, data.num_labels, clusters).to(device)
+    save_config(config, run / "config.yaml")
+    _write_json(run / "model.json", _model_card(config, model, data))
+    if config.encoder.type == "transformer":  # the run must rebuild its encoder without the source folder
+        from xmc.encoders import load_tokenizer, resolve_model_path
+
+        model.encoder.model.config.save_pretrained(run / "encoder")
+        load_tokenizer(resolve_model_path(config.encoder.name_or_path)).save_pretrained(run / "encoder")
+    log.info(
+        "%s | %d train / %d dev / %d test documents, %d labels | %s on %s (%s)",
+        run,
+        len(data.splits["train"].rows),
+        len(data.splits["dev"].rows) if "dev" in data.splits else 0,
+        len(data.splits["test"].rows) if "test" in data.splits else 0,
+        data.num_labels,
+        config.classifier.type,
+        device,
+        precision,
+    )
+
+    meta_weight_fn = None
+    if model.meta is not None:
+        from xmc.meta import meta_weight
+
+        m = config.classifier.meta
+        meta_weight_fn = lambda progress_epochs: meta_weight(progress_epochs, m.lam0, m.cutoff_epoch)  # noqa: E731
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_started = time.perf_counter()
+    position = train(
+        config,
+        model,
+        data,
+        inputs,
+        run,
+        device,
+        precision,
+        resume=resume,
+        meta_weight_fn=meta_weight_fn,
+        progress=progress,
+        step_hook=step_hook,
+    )
+    train_seconds = time.perf_counter() - train_started
+    load_model(model, run / "best.safetensors")
+
+    Y_train = data.splits["train"].Y
+    A, B = PROPENSITY_PRESETS[config.data.propensity]
+    inv_prop = inv_propensity(Y_train, A, B)
+    batch = config.train.eval_batch_size
+    results: dict = {}
+    if "dev" in data.splits:
+        results["dev"] = evaluate_split(model, data.splits["dev"], inputs, device, precision, batch, inv_prop)
+    if "test" in data.splits:
+        test = data.splits["test"]
+        scores, ids = predict_split(model, test, inputs, device, precision, batch, PREDICT_K)
+        save_predictions(run / "predictions.npz", scores, ids)
+        from xmc.metrics import evaluate
+
+        results["test"] = evaluate(test.Y, ids, inv_prop=inv_prop, exclude=test.exclude)
+        baseline = most_frequent_topk(Y_train, len(test.rows), 5 + _exclude_width(test))
+        results["baseline_most_frequent"] = evaluate(test.Y, baseline, exclude=test.exclude)
+    examples = sum(h.get("examples", 0) for h in position.history)
+    results.update(
+        peak_memory_bytes=_peak_memory(device),
+        train_seconds=train_seconds,
+        total_seconds=time.perf_counter() - started,
+        examples_per_second=examples / max(train_seconds, 1e-9),
+        epochs=position.epoch,
+        optimizer_steps=position.step,
+        skipped_steps=position.skipped,
+        params=model.parameter_counts(),
+        classifier_bytes=model.classifier_bytes(),
+        device=_device_name(device),
+        precision=precision,
+        history=[h for h in position.history if "epoch" in h],
+    )
+    _write_json(run / "metrics.json", results)
+    _report(run, results)
+    return results
+
+
+def _exclude_width(split) -> int:
+    return 0 if split.exclude is None else int(np.diff(split.exclude.indptr).max(initial=0))
+
+
+def _model_card(config: Config, model: XMCModel, data) -> dict:
+    return {
+        "num_labels": data.num_labels,
+        "label_names": data.label_names,
+        "encoder_out_features": model.encoder.out_features,
+        "encoder_num_features": getattr(getattr(model.encoder, "bag", None), "num_embeddings", None),
+        "format": data.format,
+        "meta_clusters": config.classifier.meta.clusters if model.meta is not None else 0,
+    }
+
+
+def _peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {
+            "allocated": torch.cuda.max_memory_allocated(device),
+            "reserved": torch.cuda.max_memory_reserved(device),
+        }
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _write_json(path: Path, value) -> None:
+    with atomic_open(path) as handle:
+        handle.write(json.dumps(value, indent=2, default=float).encode())
+
+
+def _report(run: Path, results: dict) -> None:
+    lines = [f"run: {run}"]
+    if "test" in results:
+        model = {k: v for k, v in results["test"].items() if k.startswith("P@")}
+        base = results["baseline_most_frequent"]
+        lines.append("test          P@1     P@3     P@5")
+        lines.append("model      " + "".join(f"{100 * model[f'P@{k}']:8.2f}" for k in (1, 3, 5)))
+        lines.append("most freq  " + "".join(f"{100 * base[f'P@{k}']:8.2f}" for k in (1, 3, 5)))
+        lines.append("all test metrics (%):")
+        lines.append(format_table(results["test"]))
+    elif "dev" in results:
+        lines.append("dev metrics (%):")
+        lines.append(format_table(results["dev"]))
+    lines.append(
+        f"{results['epochs']} epochs, {results['optimizer_steps']} steps in {results['train_seconds']:.0f} s "
+        f"({results['examples_per_second']:.0f} examples/s) on {results['device']}; classifier "
+        f"{results['classifier_bytes'] / 2**20:.1f} MiB"
+    )
+    print("\n".join(lines))
