@@ -49,6 +49,8 @@ the CPU path and the test oracle."""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -519,25 +521,56 @@ def _accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _label_chunk(batch: int, fan_in: int) -> int:
-    """Labels per chunk so the gathered (B, chunk, K) tensor stays under REFERENCE_CHUNK_ELEMENTS."""
-    return max(1, REFERENCE_CHUNK_ELEMENTS // max(1, batch * fan_in))
+def _slot_chunk(fan_in: int, width: int) -> int:
+    """Labels per chunk: at most REFERENCE_CHUNK_ELEMENTS slots, and as many dense (chunk, D) values."""
+    return max(1, REFERENCE_CHUNK_ELEMENTS // max(1, fan_in, width))
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are stable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+def _rows_csr(weight: torch.Tensor, indices: torch.Tensor, width: int, acc: torch.dtype) -> torch.Tensor:
+    """The (L, D) sparse weight of a block of labels as CSR: every row holds exactly K entries."""
+    L, K = weight.shape
+    crow = torch.arange(0, L * K + 1, K, device=weight.device)
+    return _csr(crow, indices.reshape(-1).long(), weight.reshape(-1).to(acc), (L, width))
+
+
+def _columns_csr(
+    weight: torch.Tensor, indices: torch.Tensor, width: int, acc: torch.dtype, transpose=None
+) -> torch.Tensor:
+    """The transposed (D, L) sparse weight as CSR, from the CSC view of the pattern."""
+    col_ptr, slots = transpose if transpose is not None else column_transpose(indices, width)
+    slots = slots.long()
+    K = weight.shape[1]
+    return _csr(col_ptr, slots // K, weight.reshape(-1)[slots].to(acc), (width, weight.shape[0]))
 
 
 def fixed_fanin_forward_reference(
     x: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Reference forward, same contract as the Triton one plus float64 and int64 ids, on any device."""
+    """Reference forward, same contract as the Triton one plus float64 and int64 ids, on any device.
+
+    A block of labels at a time becomes a CSR matrix and one sparse-dense product gives its logits:
+    the vendor sparse kernels (MKL on CPU) move each weight once, where gathering ``x[:, idx]`` would
+    materialize B * L * K values."""
     _check_layer(x, weight, indices, bias, triton_path=False)
+    with torch.autocast(x.device.type, enabled=False):  # the products must run in the accumulation dtype
+        return _forward_reference(x, weight, indices, bias)
+
+
+def _forward_reference(x, weight, indices, bias):
     B, L, K = x.shape[0], weight.shape[0], weight.shape[1]
     acc = _accumulation_dtype(x.dtype, weight.dtype)
-    xa = x.to(acc)
+    xt = x.to(acc).t()  # (D, B)
     out = torch.empty((B, L), dtype=x.dtype, device=x.device)
-    step = _label_chunk(B, K)
+    step = _slot_chunk(K, 1)
     for lo in range(0, L, step):
         hi = min(L, lo + step)
-        gathered = xa[:, indices[lo:hi].long()]  # (B, chunk, K)
-        part = torch.einsum("bck,ck->bc", gathered, weight[lo:hi].to(acc))
+        part = (_rows_csr(weight[lo:hi], indices[lo:hi], x.shape[1], acc) @ xt).t()  # (B, chunk)
         if bias is not None:
             part = part + bias[lo:hi].to(acc)
         out[:, lo:hi] = part
@@ -552,30 +585,40 @@ def fixed_fanin_backward_reference(
     need_x: bool = True,
     need_w: bool = True,
     need_b: bool = True,
+    transpose: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Reference backward, same contract as ``fixed_fanin_backward_triton`` (no CSC needed: the input gradient
-    is an ``index_add_`` per label chunk)."""
+    """Reference backward, same contract as ``fixed_fanin_backward_triton``.
+
+    The input gradient is a sparse-dense product with the transposed weight (built from the CSC view;
+    pass the cached ``transpose`` of the whole layer to skip its sort). The weight gradient of a label
+    block is the dense ``grad_out[:, block]^T @ x`` sampled at the block's ids: on CPUs a dense product
+    beats gathering B values per slot until K is a small fraction of D, and label blocks keep the
+    dense (block, D) product bounded."""
     _check_layer(x, weight, indices, None, triton_path=False)
     _check_grad_out(grad_out, x, weight, (*TRITON_DTYPES, torch.float64))
+    with torch.autocast(x.device.type, enabled=False):
+        return _backward_reference(grad_out, x, weight, indices, need_x, need_w, need_b, transpose)
+
+
+def _backward_reference(grad_out, x, weight, indices, need_x, need_w, need_b, transpose):
     B, D = x.shape
     L, K = weight.shape
     acc = _accumulation_dtype(x.dtype, weight.dtype, grad_out.dtype)
     g = grad_out.to(acc)
     xa = x.to(acc)
-    grad_x = torch.zeros((B, D), dtype=acc, device=x.device) if need_x else None
+    grad_x = torch.zeros((D, B), dtype=acc, device=x.device) if need_x else None
     grad_w = torch.empty((L, K), dtype=weight.dtype, device=weight.device) if need_w else None
-    if need_x or need_w:
-        step = _label_chunk(B, K)
-        for lo in range(0, L, step):
-            hi = min(L, lo + step)
-            cols = indices[lo:hi].long()
-            if need_x:
-                contrib = g[:, lo:hi, None] * weight[lo:hi].to(acc)  # (B, chunk, K)
-                grad_x.index_add_(1, cols.reshape(-1), contrib.reshape(B, (hi - lo) * K))
-            if need_w:
-                grad_w[lo:hi] = torch.einsum("bc,bck->ck", g[:, lo:hi], xa[:, cols])
+    step = _slot_chunk(K, D)
+    whole = transpose if step >= L else None
+    for lo in range(0, L, step if (need_x or need_w) else L):
+        hi = min(L, lo + step)
+        if need_x:
+            grad_x += _columns_csr(weight[lo:hi], indices[lo:hi], D, acc, whole) @ g[:, lo:hi].t()
+        if need_w:
+            dense = g[:, lo:hi].t() @ xa  # (chunk, D)
+            grad_w[lo:hi] = dense.gather(1, indices[lo:hi].long()).to(weight.dtype)
     grad_b = g.sum(dim=0).to(weight.dtype) if need_b else None
-    return (grad_x.to(x.dtype) if need_x else None), grad_w, grad_b
+    return (grad_x.t().to(x.dtype) if need_x else None), grad_w, grad_b
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -626,7 +669,8 @@ def fixed_fanin_backward(
         return fixed_fanin_backward_triton(
             grad_out, x, weight, indices, col_ptr, slots, need_x, need_w, need_b
         )
-    return fixed_fanin_backward_reference(grad_out, x, weight, indices, need_x, need_w, need_b)
+    transpose = (col_ptr, slots) if col_ptr is not None and slots is not None else None
+    return fixed_fanin_backward_reference(grad_out, x, weight, indices, need_x, need_w, need_b, transpose)
 
 
 class FixedFanInFunction(torch.autograd.Function):

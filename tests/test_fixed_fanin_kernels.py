@@ -298,8 +298,8 @@ def test_reference_matches_dense(shape, dtype):
 def test_reference_chunks(monkeypatch):
     """A tiny chunk budget (several chunks, a ragged last one) gives the same result as one chunk."""
     layer = random_layer(3, 17, 70, 4, torch.int16, dtype=torch.float64, device="cpu")
-    monkeypatch.setattr(ff, "REFERENCE_CHUNK_ELEMENTS", 3 * 4 * 9)  # 9 labels per chunk: 8 chunks, last has 7
-    assert ff._label_chunk(3, 4) == 9
+    monkeypatch.setattr(ff, "REFERENCE_CHUNK_ELEMENTS", 17 * 9)  # 9 labels per chunk: 8 chunks, last has 7
+    assert ff._slot_chunk(4, 17) == 9
     out_ref, gx_ref, gw_ref, gb_ref = dense_oracle(layer)
     out = ff.fixed_fanin_forward_reference(layer.x, layer.weight, layer.indices, layer.bias)
     grads = ff.fixed_fanin_backward_reference(layer.grad_out, layer.x, layer.weight, layer.indices)

@@ -50,11 +50,15 @@ class FixedFanInClassifier(Classifier):
     def chunk_backward(self, h, grad_logits, start, stop):
         layer = self.layer
         has_bias = layer.bias is not None
+        # The layer caches the column view of its whole pattern; a label chunk would need its own.
+        col_ptr, slots = layer.column_transpose() if (start, stop) == (0, self.num_labels) else (None, None)
         grad_h, grad_w, grad_b = fixed_fanin_backward(
             grad_logits.to(h.dtype),
             h,
             layer.weight[start:stop],
             layer.indices[start:stop],
+            col_ptr,
+            slots,
             need_x=True,
             need_w=True,
             need_b=has_bias,

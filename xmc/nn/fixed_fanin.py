@@ -92,8 +92,7 @@ class FixedFanInLinear(nn.Module):
         """(B, D) -> (B, L)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs of width {self.in_features}, got shape {tuple(x.shape)}")
-        transpose = self.column_transpose() if x.is_cuda else None
-        return fixed_fanin(x, self.weight, self.indices, self.bias, transpose=transpose)
+        return fixed_fanin(x, self.weight, self.indices, self.bias, transpose=self.column_transpose())
 
     def extra_repr(self) -> str:
         return (

@@ -106,8 +106,9 @@ def train(
     progress: bool = True,
     step_hook=None,
 ) -> Position:
-    """Train ``model`` in place; returns the final position. ``step_hook(model, step)`` runs after each
-    backward (tests use it to inject faults)."""
+    """Train ``model`` in place; returns the final position. ``step_hook(model, step, optimizers,
+    scaler)`` runs after each accumulation window's backward, before the optimizer step (tests use it
+    to inject faults)."""
     t = config.train
     train_split = data.splits["train"]
     train_inputs = inputs[train_split.source]
@@ -178,6 +179,7 @@ def train(
                 dynamic_ncols=True,
             )
             model.train()
+            epoch_loss, epoch_steps = torch.zeros((), device=device), 0
             while pos.micro < micro_per_epoch and not (t.max_steps and pos.step >= t.max_steps):
                 window = range(pos.micro, min(pos.micro + t.grad_accum, micro_per_epoch))
                 loss_sum = torch.zeros((), device=device)
@@ -195,7 +197,7 @@ def train(
                     loss_sum += loss.detach()
                     examples += len(local)
                 if step_hook is not None:
-                    step_hook(model, pos.step)
+                    step_hook(model, pos.step, optimizers, scaler)
                 for o in optimizers:
                     scaler.unscale_(o)
                 norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm or float("inf"))
@@ -206,6 +208,8 @@ def train(
                     for s in schedulers:
                         s.step()
                     pos.step, pos.micro, bad_in_a_row = pos.step + 1, window.stop, 0
+                    epoch_loss += loss_sum
+                    epoch_steps += 1
                     if dst is not None:
                         dst.step()
                 else:
@@ -234,6 +238,14 @@ def train(
             stop = False
             if pos.micro >= micro_per_epoch:
                 pos.epoch, pos.micro = pos.epoch + 1, 0
+                # One host sync per epoch for the logged loss (mean over the epoch's applied steps).
+                pos.history.append(
+                    {
+                        "epoch": pos.epoch,
+                        "step": pos.step,
+                        "train_loss": float(epoch_loss) / max(epoch_steps, 1),
+                    }
+                )
                 if "dev" in data.splits and (pos.epoch % t.eval_every == 0 or pos.epoch == t.epochs):
                     stop = _evaluate(config, model, data, inputs, device, precision, pos, run_dir, writer)
             checkpoint()
@@ -267,7 +279,7 @@ def _evaluate(config, model, data, inputs, device, precision, pos, run_dir, writ
         model, data.splits["dev"], inputs, device, precision, config.train.eval_batch_size
     )
     p1 = metrics["P@1"]
-    pos.history.append({"epoch": pos.epoch, "step": pos.step, **{f"dev/{k}": v for k, v in metrics.items()}})
+    pos.history[-1].update({f"dev/{k}": v for k, v in metrics.items()})
     if writer is not None:
         for key, value in metrics.items():
             writer.add_scalar(f"dev/{key}", value, pos.step)
@@ -289,9 +301,12 @@ def _evaluate(config, model, data, inputs, device, precision, pos, run_dir, writ
 
 
 def _memory(device: torch.device) -> str:
+    """Peak device memory (CUDA) or peak resident memory of the process (CPU), for the progress bar."""
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
-    return ""
+    import resource
+
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f}G"
 
 
 def _tensorboard(run_dir: Path):

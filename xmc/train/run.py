@@ -95,6 +95,8 @@ def run_training(
     run = Path(run_dir) if run_dir else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}"
     if resume and not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{run}: no run to resume here (config.yaml missing)")
+    if not resume and (run / "latest").exists():
+        raise ValueError(f"{run} already holds a run: continue it with --resume, or choose another --run-dir")
     run.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.train.device)
     precision = resolve_precision(config.train.precision, device)
