@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 
@@ -66,29 +65,12 @@ def read_documents(path: str, fields: list[str]) -> list[str]:
     JSON records need no labels here; a line that is not a JSON object raises ``FormatError``.
     """
     from xmc.data import FormatError
-    from xmc.data.sparse_text import read_lines_bytes
+    from xmc.data.text import decode_lines, json_records
 
-    data = read_lines_bytes(path)  # FileNotFoundError names the path
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise FormatError(
-            path, data[: err.start].count(b"\n") + 1, f"not valid UTF-8 ({err.reason})"
-        ) from None
-    # Split on newlines only: str.splitlines would also split on form feeds and Unicode separators.
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
     if not path.endswith((".json", ".json.gz")):
-        return lines
+        return decode_lines(path)
     documents = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise FormatError(path, number, f"not a JSON object ({err.msg} at column {err.colno})") from None
-        if not isinstance(record, dict):
-            raise FormatError(path, number, f"expected a JSON object, got {type(record).__name__}")
+    for number, record in json_records(path):
         parts = [record.get(f, "") for f in fields]
         if not all(isinstance(p, str) for p in parts):
             raise FormatError(path, number, f"fields {', '.join(fields)} must be strings")

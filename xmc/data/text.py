@@ -49,7 +49,8 @@ class TextDataset:
         return [sep.join(part for part in parts if part) for parts in zip(*columns, strict=True)]
 
 
-def _decode_lines(path: str) -> list[str]:
+def decode_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 text file (gz allowed, BOM and CRLF handled), split on newlines only."""
     data = read_lines_bytes(path)
     try:
         text = data.decode("utf-8")
@@ -62,8 +63,9 @@ def _decode_lines(path: str) -> list[str]:
     return lines
 
 
-def _json_records(path: str) -> list[tuple[int, dict]]:
-    lines = _decode_lines(path)
+def json_records(path: str) -> list[tuple[int, dict]]:
+    """``(line number, object)`` of every line of a JSON-lines file; FormatError for a bad line."""
+    lines = decode_lines(path)
     if not lines:
         raise FormatError(path, 1, "empty file: expected one JSON object per line")
     records = []
@@ -95,7 +97,7 @@ def read_lf_json(
         num_labels = len(names)
     uids, titles, contents, rows, rels = [], [], [], [], []
     has_rel = False
-    for number, record in _json_records(path):
+    for number, record in json_records(path):
         if "target_ind" not in record:
             raise FormatError(path, number, "record has no 'target_ind' (its list of label ids)")
         ids = record["target_ind"]
@@ -174,13 +176,13 @@ def read_label_names(path: str | os.PathLike, field: str = "title") -> list[str]
     if path.endswith((".json", ".json.gz")):
         other = "uid" if field == "title" else "title"
         names = []
-        for number, record in _json_records(path):
+        for number, record in json_records(path):
             name = record.get(field, record.get(other))
             if name is None:
                 raise FormatError(path, number, "label record has neither 'title' nor 'uid'")
             names.append(str(name).strip())
         return names
-    lines = _decode_lines(path)
+    lines = decode_lines(path)
     if not lines:
         raise FormatError(path, 1, "empty file: expected one label name per line")
     return lines
@@ -231,7 +233,7 @@ def label_vocabulary(
     names over all ``labels_paths`` (every split, so train and test share ids), cached in
     ``$XMC_CACHE/labels`` keyed by the files' checksums."""
     if vocab_file is not None:
-        names = _decode_lines(os.fspath(vocab_file))
+        names = decode_lines(os.fspath(vocab_file))
         seen: dict[str, int] = {}
         for number, name in enumerate(names, start=1):
             if name in seen:
@@ -243,7 +245,7 @@ def label_vocabulary(
     if cached.exists():
         return cached.read_text(encoding="utf-8").split("\n")[:-1]
     names = sorted(
-        {name for p in labels_paths for line in _decode_lines(os.fspath(p)) for name in line.split()}
+        {name for p in labels_paths for line in decode_lines(os.fspath(p)) for name in line.split()}
     )
     with atomic_open(cached) as handle:
         handle.write("".join(f"{n}\n" for n in names).encode())
@@ -259,8 +261,8 @@ def read_text_pairs(
     """Read a ``*_texts.txt`` / ``*_labels.txt`` pair; label names map to ids by their position in
     ``vocabulary`` (see :func:`label_vocabulary`). ``vocab_source`` names the vocabulary in errors."""
     texts_path, labels_path = os.fspath(texts_path), os.fspath(labels_path)
-    texts = _decode_lines(texts_path)
-    label_lines = _decode_lines(labels_path)
+    texts = decode_lines(texts_path)
+    label_lines = decode_lines(labels_path)
     if len(texts) != len(label_lines):
         shorter, longer = (
             (texts_path, labels_path) if len(texts) < len(label_lines) else (labels_path, texts_path)

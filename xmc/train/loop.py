@@ -201,7 +201,7 @@ def train(
                 for o in optimizers:
                     scaler.unscale_(o)
                 norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm or float("inf"))
-                finite = bool(torch.isfinite(norm)) and bool(torch.isfinite(loss_sum))
+                finite = bool(torch.isfinite(norm) & torch.isfinite(loss_sum))  # the step's one host sync
                 if finite:
                     for o in optimizers:
                         scaler.step(o)
