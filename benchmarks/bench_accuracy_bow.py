@@ -12,11 +12,11 @@ numbers from the project's issue tracker).
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from common import append_row, git_revision
 
 from xmc.config import default_config_path, load_config
 from xmc.train.run import run_training
@@ -33,9 +33,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["bibtex", "citeulike-t"])
     parser.add_argument("--classifiers", nargs="+", default=["dense", "fixed_fanin"])
     args = parser.parse_args()
-    revision = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    revision = git_revision()
     for dataset in args.datasets:
         folder = Path(args.data) / dataset
         for kind in args.classifiers:
@@ -66,10 +64,7 @@ def main() -> None:
                 "epochs": metrics["epochs"],
                 "device": metrics["device"],
             }
-            print(json.dumps(row))
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            with open(RESULTS, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            append_row(RESULTS, row)
 
 
 if __name__ == "__main__":

@@ -10,18 +10,17 @@ reading. Appends one JSON row to ``benchmarks/results/read_bow.jsonl``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+from common import append_row, git_revision
 
 from xmc import __version__
 from xmc.data import read_bow, write_bow
@@ -69,9 +68,7 @@ def main() -> None:
             times.append(time.perf_counter() - start)
             del X2, Y2
         rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    revision = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    revision = git_revision()
     row = {
         "bench": "read_bow",
         "date": time.strftime("%Y-%m-%d"),
@@ -87,10 +84,7 @@ def main() -> None:
         "peak_rss_gib": round(rss_peak / 2**20, 2),
         "peak_rss_before_read_gib": round(rss_before / 2**20, 2),
     }
-    print(json.dumps(row))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as handle:
-        handle.write(json.dumps(row) + "\n")
+    append_row(RESULTS, row)
 
 
 if __name__ == "__main__":
