@@ -8,14 +8,13 @@ from pathlib import Path
 
 
 def git_revision() -> str:
-    """Short hash of HEAD, with ``+dirty`` when the working tree has uncommitted changes."""
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
-    )
-    return head + ("+dirty" if dirty.stdout.strip() else "")
+    """Short hash of HEAD, with ``+dirty`` when tracked files have uncommitted changes."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent)
+        return done.stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
 
 
 def append_row(path: Path, row: dict) -> None:
