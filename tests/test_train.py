@@ -268,3 +268,21 @@ def test_planted_synthetic_labels_are_learned(tmp_path):
     metrics = run_training(config, str(tmp_path / "run"), progress=False)
     p1, base = metrics["test"]["P@1"], metrics["baseline_most_frequent"]["P@1"]
     assert p1 >= 10 * base, (p1, base)
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, synth_data):
+    config = _config(tmp_path, synth_data, overrides=["train.epochs=2"])
+
+    def interrupt(model, step, optimizers, scaler):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config, str(tmp_path / "run"), progress=False, step_hook=interrupt)
+    assert (tmp_path / "run" / "latest").read_text() == "ckpt-000000005"  # the last completed step
+    resumed = run_training(config, str(tmp_path / "run"), resume=True, progress=False)
+    whole = run_training(config, str(tmp_path / "whole"), progress=False)
+    assert resumed["optimizer_steps"] == whole["optimizer_steps"]
+    a = load_file(str(tmp_path / "run" / "best.safetensors"))
+    b = load_file(str(tmp_path / "whole" / "best.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -142,16 +142,24 @@ def train(
         if dst is not None:
             dst.load_state_dict(state["dst"])
         torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         pos = Position(**state["position"])
         log.info("resumed from %s at epoch %d, step %d", folder, pos.epoch, pos.step)
 
-    def checkpoint() -> None:
+    def rng_states() -> tuple[torch.Tensor, torch.Tensor | None]:
+        return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def checkpoint(rng: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> None:
+        """Save at an optimizer-step boundary; ``rng`` is the random state to resume with (default: now)."""
+        cpu_rng, cuda_rng = rng if rng is not None else rng_states()
         state = {
             "optimizers": [o.state_dict() for o in optimizers],
             "schedulers": [s.state_dict() for s in schedulers],
             "scaler": scaler.state_dict(),
             "dst": dst.state_dict() if dst is not None else {},
-            "rng": torch.get_rng_state(),
+            "rng": cpu_rng,
+            "cuda_rng": cuda_rng,
             "position": vars(pos),
         }
         save_checkpoint(run_dir, pos.step, model, state)
@@ -165,6 +173,7 @@ def train(
     previous = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
     writer = _tensorboard(run_dir)
     bad_in_a_row = 0
+    window_rng = None
     examples, started = 0, time.perf_counter()
     try:
         while pos.epoch < t.epochs and not (t.max_steps and pos.step >= t.max_steps):
@@ -182,6 +191,7 @@ def train(
             epoch_loss, epoch_steps = torch.zeros((), device=device), 0
             while pos.micro < micro_per_epoch and not (t.max_steps and pos.step >= t.max_steps):
                 window = range(pos.micro, min(pos.micro + t.grad_accum, micro_per_epoch))
+                window_rng = rng_states()  # a window cut short is redone from this random state
                 loss_sum = torch.zeros((), device=device)
                 for micro in window:
                     local = order[micro * t.batch_size : (micro + 1) * t.batch_size]
@@ -214,6 +224,7 @@ def train(
                         dst.step()
                 else:
                     pos.skipped, pos.micro, bad_in_a_row = pos.skipped + 1, window.stop, bad_in_a_row + 1
+                window_rng = None  # the window is done: the current random state is the one to resume with
                 scaler.update()  # lowers the fp16 scale after an overflow
                 for o in optimizers:
                     o.zero_grad(set_to_none=True)
@@ -254,7 +265,8 @@ def train(
                 break
     except KeyboardInterrupt:
         interrupted = True
-        checkpoint()  # at the last completed optimizer step; a half-accumulated window is redone
+        # At the last completed optimizer step; a half-done window is redone with the same dropout.
+        checkpoint(window_rng)
         log.warning(
             "interrupted: checkpoint saved in %s; continue with: xmc train --resume --run-dir %s",
             run_dir,
