@@ -280,7 +280,9 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, synth_data):
     with pytest.raises(KeyboardInterrupt):
         run_training(config, str(tmp_path / "run"), progress=False, step_hook=interrupt)
     assert (tmp_path / "run" / "latest").read_text() == "ckpt-000000005"  # the last completed step
-    resumed = run_training(config, str(tmp_path / "run"), resume=True, progress=False)
+    # The CLI resumes with the run's own config.yaml.
+    assert main(["train", "--run-dir", str(tmp_path / "run"), "--resume", "--no-progress"]) == 0
+    resumed = json.loads((tmp_path / "run" / "metrics.json").read_text())
     whole = run_training(config, str(tmp_path / "whole"), progress=False)
     assert resumed["optimizer_steps"] == whole["optimizer_steps"]
     a = load_file(str(tmp_path / "run" / "best.safetensors"))

@@ -30,11 +30,22 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume and not args.run_dir:
         raise UsageError("--resume needs --run-dir RUN_DIR (the folder of the run to continue)")
+    config_path = args.config
+    if args.resume and config_path is None:  # continue with the run's own resolved config
+        from pathlib import Path
+
+        config_path = Path(args.run_dir) / "config.yaml"
+        if not config_path.exists():
+            raise UsageError(f"{args.run_dir}: no run to resume here (config.yaml missing)")
     try:
-        config = load_config(args.config, args.overrides)
+        config = load_config(config_path, args.overrides)
     except ConfigError as err:
         raise UsageError(str(err)) from None
     run_training(
-        config, args.run_dir, resume=args.resume, progress=not args.no_progress, config_name=args.config
+        config,
+        args.run_dir,
+        resume=args.resume,
+        progress=not args.no_progress,
+        config_name=str(config_path) if config_path else None,
     )
     return 0

@@ -20,7 +20,7 @@ import torch
 from xmc.config import Config, save_config
 from xmc.data.atomic import atomic_open
 from xmc.encoders import build_encoder_and_inputs
-from xmc.metrics import PROPENSITY_PRESETS, format_table, inv_propensity
+from xmc.metrics import PROPENSITY_PRESETS, evaluate, format_table, inv_propensity
 from xmc.predictions import save_predictions
 from xmc.train.checkpoint import load_model
 from xmc.train.data import load_data
@@ -163,8 +163,6 @@ def run_training(
         test = data.splits["test"]
         scores, ids = predict_split(model, test, inputs, device, precision, batch, PREDICT_K)
         save_predictions(run / "predictions.npz", scores, ids)
-        from xmc.metrics import evaluate
-
         results["test"] = evaluate(test.Y, ids, inv_prop=inv_prop, exclude=test.exclude)
         baseline = most_frequent_topk(Y_train, len(test.rows), 5 + _exclude_width(test))
         results["baseline_most_frequent"] = evaluate(test.Y, baseline, exclude=test.exclude)
