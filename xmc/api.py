@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from xmc.config import load_config
 from xmc.encoders import FeaturesInputs, Inputs, SplitSource, build_token_inputs
 from xmc.train.checkpoint import load_model
+from xmc.train.evaluation import predict_rows
 from xmc.train.run import build_model, resolve_device, resolve_precision
 
 
@@ -78,22 +78,11 @@ class Predictor:
             return FeaturesInputs(source.features)
         return build_token_inputs(source, self.tokenizer, self.config.encoder.max_length, progress)
 
-    @torch.no_grad()
     def topk(self, inputs: Inputs, k: int, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(scores float32 (N, k), ids int32 (N, k))`` best first over all labels."""
-        from xmc.train.loop import _autocast
-
         batch_size = batch_size or self.config.train.eval_batch_size
-        n = len(inputs)
-        scores, ids = np.empty((n, k), np.float32), np.empty((n, k), np.int32)
-        for start in range(0, n, batch_size):
-            rows = np.arange(start, min(start + batch_size, n))
-            batch = {key: v.to(self.device) for key, v in inputs.batch(rows).items()}
-            with _autocast(self.device, self.precision):
-                h = self.model.represent(batch)
-            top_scores, top_ids = self.model.classifier.topk(h.float(), k)
-            scores[rows], ids[rows] = top_scores.cpu().numpy(), top_ids.cpu().numpy()
-        return scores, ids
+        rows = np.arange(len(inputs))
+        return predict_rows(self.model, inputs, rows, self.device, self.precision, batch_size, k)
 
     def predict(self, texts: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
         """Top ``k`` (label name, score) pairs for each raw text (label ids as names when unnamed)."""

@@ -24,16 +24,7 @@ def save_predictions(path: str | os.PathLike, scores: np.ndarray, indices: np.nd
     """
     scores = np.asarray(scores)
     indices = np.asarray(indices)
-    if indices.ndim != 2 or scores.shape != indices.shape:
-        raise ValueError(
-            f"scores {scores.shape} and indices {indices.shape} must be 2-D arrays of the same shape (N, k)"
-        )
-    if not np.issubdtype(indices.dtype, np.integer):
-        raise ValueError(f"indices must be integer label ids, got dtype {indices.dtype}")
-    if not np.issubdtype(scores.dtype, np.floating):
-        raise ValueError(f"scores must be floating point, got dtype {scores.dtype}")
-    if indices.size and (indices.min() < -1 or indices.max() > _INT32.max):
-        raise ValueError(f"indices must lie in -1..{_INT32.max}, got {indices.min()}..{indices.max()}")
+    _check(scores, indices, "")
     with atomic_open(path) as handle:
         np.savez(handle, indices=indices.astype(np.int32), scores=scores.astype(np.float32))
 
@@ -66,16 +57,22 @@ def load_predictions(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
             indices, scores = archive["indices"], archive["scores"]
         except ValueError as err:  # e.g. an object array, which needs pickle
             raise ValueError(f"{path}: unreadable prediction arrays: {err}") from None
+    _check(scores, indices, f"{path}: ")
+    return scores.astype(np.float32, copy=False), indices.astype(np.int32, copy=False)
+
+
+def _check(scores: np.ndarray, indices: np.ndarray, where: str) -> None:
+    """Shapes, dtype kinds and id range of a prediction pair; ``where`` prefixes the messages."""
     if indices.ndim != 2 or scores.shape != indices.shape:
         raise ValueError(
-            f"{path}: 'indices' {indices.shape} and 'scores' {scores.shape} must be 2-D arrays of one shape"
+            f"{where}'indices' {indices.shape} and 'scores' {scores.shape} must be 2-D arrays "
+            "of one shape (the same shape (N, k) for both)"
         )
     if not np.issubdtype(indices.dtype, np.integer):
-        raise ValueError(f"{path}: 'indices' must be integers (int32), got {indices.dtype}")
+        raise ValueError(f"{where}'indices' must be integers (int32 label ids), got {indices.dtype}")
     if not np.issubdtype(scores.dtype, np.floating):
-        raise ValueError(f"{path}: 'scores' must be floating point (float32), got {scores.dtype}")
+        raise ValueError(f"{where}'scores' must be floating point (float32), got {scores.dtype}")
     if indices.size and (indices.min() < -1 or indices.max() > _INT32.max):
         raise ValueError(
-            f"{path}: 'indices' must lie in -1..{_INT32.max}, got {indices.min()}..{indices.max()}"
+            f"{where}'indices' must lie in -1..{_INT32.max}, got {indices.min()}..{indices.max()}"
         )
-    return scores.astype(np.float32, copy=False), indices.astype(np.int32, copy=False)

@@ -10,23 +10,30 @@ from xmc.metrics import evaluate
 
 
 @torch.no_grad()
-def predict_split(model, split, inputs, device: torch.device, precision: str, batch_size: int, k: int):
-    """``(scores float32 (N, k), ids int32 (N, k))`` of ``split``'s rows, best first."""
+def predict_rows(
+    model, source, rows: np.ndarray, device: torch.device, precision: str, batch_size: int, k: int
+):
+    """``(scores float32 (len(rows), k), ids int32 (len(rows), k))`` of documents ``rows`` of the inputs
+    ``source``, best first, in eval mode and batches of ``batch_size``."""
     from xmc.train.loop import _autocast
 
     model.eval()
-    source = inputs[split.source]
-    scores = np.empty((len(split.rows), k), np.float32)
-    ids = np.empty((len(split.rows), k), np.int32)
-    for start in range(0, len(split.rows), batch_size):
-        rows = split.rows[start : start + batch_size]
-        batch = {key: v.to(device, non_blocking=True) for key, v in source.batch(rows).items()}
+    scores = np.empty((len(rows), k), np.float32)
+    ids = np.empty((len(rows), k), np.int32)
+    for start in range(0, len(rows), batch_size):
+        part = rows[start : start + batch_size]
+        batch = {key: v.to(device, non_blocking=True) for key, v in source.batch(part).items()}
         with _autocast(device, precision):
             h = model.represent(batch)
         top_scores, top_ids = model.classifier.topk(h.float(), k)
-        scores[start : start + len(rows)] = top_scores.cpu().numpy()
-        ids[start : start + len(rows)] = top_ids.cpu().numpy()
+        scores[start : start + len(part)] = top_scores.cpu().numpy()
+        ids[start : start + len(part)] = top_ids.cpu().numpy()
     return scores, ids
+
+
+def predict_split(model, split, inputs, device: torch.device, precision: str, batch_size: int, k: int):
+    """Top-k of ``split``'s rows (see :func:`predict_rows`)."""
+    return predict_rows(model, inputs[split.source], split.rows, device, precision, batch_size, k)
 
 
 def evaluate_split(model, split, inputs, device, precision, batch_size, inv_prop=None, k: int = 5) -> dict:

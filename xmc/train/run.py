@@ -73,7 +73,9 @@ def _label_clusters(config: Config, data, inputs) -> np.ndarray:
     if source.X is not None or source.features is not None:
         X = inputs[split.source].X if source.X is not None else np.asarray(source.features)
     else:
-        vocabulary = build_vocabulary(source.texts, source.sources, 30_000, 2, source.variant)
+        vocabulary = build_vocabulary(
+            source.texts, source.sources, config.encoder.vocab_size, config.encoder.min_df, source.variant
+        )
         counts = count_matrix(source.texts(), vocabulary)
         X = tfidf(counts, fit_idf(counts))
     return cluster_labels(
