@@ -93,8 +93,8 @@ def test_fixed_fanin_shard_equals_a_layer_built_with_its_offset():
 
 
 def test_state_bytes_favour_the_sparse_layer():
-    dense = DenseClassifier(768, 10_000).state_bytes(batch_size=128)
-    sparse = FixedFanInClassifier(768, 10_000, 32).state_bytes(batch_size=128)
+    dense = DenseClassifier(768, 10_000).memory(batch_size=128)
+    sparse = FixedFanInClassifier(768, 10_000, 32).memory(batch_size=128)
     assert dense["weights"] == 4 * (10_000 * 768 + 10_000)
     assert sparse["weights"] == 4 * (10_000 * 32 + 10_000)
     assert sparse["indices"] == 2 * 10_000 * 32  # int16 ids

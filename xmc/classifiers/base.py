@@ -7,11 +7,14 @@ The training loop, the memory planner and prediction talk to classifiers only th
 - ``loss(h, positives, kind) -> scalar``, the mean loss over all B x L pairs, computed label chunk
   by label chunk so that the B x L logits never exist in full (the backward recomputes each chunk);
 - ``topk(h, k) -> (scores, ids)`` over all labels in bounded memory, ties to the lower label id;
-- ``state_bytes(...)`` for the memory planner;
+- ``state_bytes(in_features, num_labels, ...)``, a classmethod, for the memory planner: bytes by
+  component computed from the shape alone, so a plan never allocates the model
+  (``instance.memory(batch_size)`` asks the same of a built classifier);
 - ``shard(rank, world)``: the same classifier restricted to a contiguous label range.
 
 A backend implements ``chunk_logits`` and ``chunk_backward`` for a label range and lists its
-label-indexed parameters in ``label_parameters`` (dimension 0 runs over labels); the rest is shared.
+label-indexed parameters in ``label_parameters`` (dimension 0 runs over labels) and any parameters
+every label chunk reads (RPS's shared array) in ``shared_parameters``; the rest is shared code.
 """
 
 from __future__ import annotations
@@ -44,17 +47,57 @@ class Classifier(nn.Module, abc.ABC):
         self, h: torch.Tensor, grad_logits: torch.Tensor, start: int, stop: int
     ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
         """Given d(loss)/d(logits) of labels ``start..stop-1`` (B, c), return the gradient to ``h``
-        (B, D) and, per ``label_parameters()`` entry, the gradient of its rows ``start..stop-1``."""
+        (B, D) and, per ``label_parameters()`` entry, the gradient of its rows ``start..stop-1``,
+        followed by, per ``shared_parameters()`` entry, this chunk's share of its whole gradient."""
 
     @abc.abstractmethod
     def label_parameters(self) -> list[nn.Parameter]:
         """Parameters whose dimension 0 runs over the labels (weights, bias)."""
 
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters read by every label chunk (gradients summed over chunks); none by default."""
+        return []
+
+    @classmethod
     @abc.abstractmethod
     def state_bytes(
-        self, batch_size: int = 0, optimizer: str = "adamw", master_weights: bool = False
-    ) -> dict:
-        """Bytes of this classifier's training state by component, for the memory planner."""
+        cls,
+        in_features: int,
+        num_labels: int,
+        *,
+        batch_size: int = 0,
+        optimizer: str = "adamw",
+        param_bytes: int = 4,
+        master_weights: bool = False,
+        bias: bool = True,
+        **options,
+    ) -> dict[str, int]:
+        """Bytes of a classifier of this shape during training, by component, without building it.
+
+        ``param_bytes`` is the storage size of parameters and gradients (4 fp32, 2 bf16/fp16);
+        ``master_weights`` adds an fp32 copy; ``options`` are the backend's own shape knobs
+        (``fan_in`` for fixed fan-in). Components: weights, any index structures, master weights,
+        gradients, optimizer state (fp32), and ``logits``: one label chunk's scores and their
+        gradient (fp32) during the chunked loss.
+        """
+
+    @abc.abstractmethod
+    def shape_options(self) -> dict:
+        """The keyword arguments of :meth:`state_bytes` that describe this instance (``bias`` and the
+        backend's options)."""
+
+    def memory(self, batch_size: int = 0, optimizer: str = "adamw", master_weights: bool = False) -> dict:
+        """:meth:`state_bytes` for this built classifier."""
+        params = self.label_parameters() + self.shared_parameters()
+        return self.state_bytes(
+            self.in_features,
+            self.num_labels,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            param_bytes=params[0].element_size(),
+            master_weights=master_weights,
+            **self.shape_options(),
+        )
 
     @abc.abstractmethod
     def shard(self, rank: int, world: int) -> Classifier:
@@ -64,7 +107,7 @@ class Classifier(nn.Module, abc.ABC):
         return self.chunk_logits(h, 0, self.num_labels)
 
     def label_chunk(self, batch_size: int) -> int:
-        return max(1, min(self.num_labels, CHUNK_ELEMENTS // max(batch_size, 1)))
+        return label_chunk(self.num_labels, batch_size)
 
     def loss(self, h: torch.Tensor, positives: Positives, kind: str = "bce") -> torch.Tensor:
         """Mean ``kind`` loss over all (document, label) pairs of the batch; see :mod:`xmc.losses`."""
@@ -74,7 +117,9 @@ class Classifier(nn.Module, abc.ABC):
             raise ValueError(
                 f"positives over {positives.num_labels} labels for a {self.num_labels}-label classifier"
             )
-        return _ChunkedLoss.apply(h, positives, self, kind, *self.label_parameters())
+        return _ChunkedLoss.apply(
+            h, positives, self, kind, *self.label_parameters(), *self.shared_parameters()
+        )
 
     @torch.no_grad()
     def topk(self, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +135,16 @@ class Classifier(nn.Module, abc.ABC):
                 best_scores, best_ids, scores, self.label_offset + start, k
             )
         return best_scores, best_ids
+
+
+def label_chunk(num_labels: int, batch_size: int) -> int:
+    """Labels scored at a time for a batch of ``batch_size`` (B x chunk <= ``CHUNK_ELEMENTS``)."""
+    return max(1, min(num_labels, CHUNK_ELEMENTS // max(batch_size, 1)))
+
+
+def logits_bytes(num_labels: int, batch_size: int) -> int:
+    """One label chunk's fp32 scores and their gradient, alive together in the chunked loss."""
+    return 4 * batch_size * label_chunk(num_labels, batch_size) * 2
 
 
 def shard_range(num_labels: int, rank: int, world: int) -> tuple[int, int]:
@@ -128,7 +183,8 @@ class _ChunkedLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         (h,) = ctx.saved_tensors
         classifier: Classifier = ctx.classifier
-        params = classifier.label_parameters()
+        num_label_params = len(classifier.label_parameters())
+        params = classifier.label_parameters() + classifier.shared_parameters()
         scale = grad_output / (h.shape[0] * classifier.num_labels)
         grad_h = torch.zeros_like(h, dtype=scale.dtype) if ctx.needs_input_grad[0] else None
         grads = [
@@ -143,9 +199,13 @@ class _ChunkedLoss(torch.autograd.Function):
                 part_h, part_params = classifier.chunk_backward(h, g, start, stop)
                 if grad_h is not None:
                     grad_h += part_h
-                for full, part in zip(grads, part_params, strict=True):
-                    if full is not None and part is not None:
+                for i, (full, part) in enumerate(zip(grads, part_params, strict=True)):
+                    if full is None or part is None:
+                        continue
+                    if i < num_label_params:
                         full[start:stop] = part
+                    else:
+                        full += part
         if grad_h is not None:
             grad_h = grad_h.to(h.dtype)
         return (grad_h, None, None, None, *grads)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmc.classifiers.base import Classifier, optimizer_state_bytes, shard_range
+from xmc.classifiers.base import Classifier, logits_bytes, optimizer_state_bytes, shard_range
 
 
 class DenseClassifier(Classifier):
@@ -50,18 +50,29 @@ class DenseClassifier(Classifier):
     def label_parameters(self) -> list[nn.Parameter]:
         return [self.weight] + ([self.bias] if self.bias is not None else [])
 
+    @classmethod
     def state_bytes(
-        self, batch_size: int = 0, optimizer: str = "adamw", master_weights: bool = False
-    ) -> dict:
-        num_params = sum(p.numel() for p in self.label_parameters())
-        size = self.weight.element_size()
+        cls,
+        in_features: int,
+        num_labels: int,
+        *,
+        batch_size: int = 0,
+        optimizer: str = "adamw",
+        param_bytes: int = 4,
+        master_weights: bool = False,
+        bias: bool = True,
+    ) -> dict[str, int]:
+        num_params = num_labels * in_features + (num_labels if bias else 0)
         return {
-            "weights": num_params * size,
+            "weights": num_params * param_bytes,
             "master_weights": 4 * num_params if master_weights else 0,
-            "gradients": num_params * size,
+            "gradients": num_params * param_bytes,
             "optimizer": optimizer_state_bytes(num_params, optimizer),
-            "logits": 4 * batch_size * self.label_chunk(batch_size) * 2,  # a chunk's logits and gradient
+            "logits": logits_bytes(num_labels, batch_size),
         }
+
+    def shape_options(self) -> dict:
+        return {"bias": self.bias is not None}
 
     def shard(self, rank: int, world: int) -> DenseClassifier:
         start, stop = shard_range(self.num_labels, rank, world)

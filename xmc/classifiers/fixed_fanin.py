@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xmc.classifiers.base import Classifier, optimizer_state_bytes, shard_range
+from xmc.classifiers.base import Classifier, logits_bytes, optimizer_state_bytes, shard_range
 from xmc.kernels.fixed_fanin import fixed_fanin, fixed_fanin_backward
-from xmc.nn.fixed_fanin import FixedFanInLinear
+from xmc.nn.fixed_fanin import FixedFanInLinear, index_dtype
 
 
 class FixedFanInClassifier(Classifier):
@@ -68,22 +68,34 @@ class FixedFanInClassifier(Classifier):
     def label_parameters(self) -> list[nn.Parameter]:
         return [self.layer.weight] + ([self.layer.bias] if self.layer.bias is not None else [])
 
+    @classmethod
     def state_bytes(
-        self, batch_size: int = 0, optimizer: str = "adamw", master_weights: bool = False
-    ) -> dict:
-        layer = self.layer
-        num_params = sum(p.numel() for p in self.label_parameters())
-        size = layer.weight.element_size()
+        cls,
+        in_features: int,
+        num_labels: int,
+        *,
+        batch_size: int = 0,
+        optimizer: str = "adamw",
+        param_bytes: int = 4,
+        master_weights: bool = False,
+        bias: bool = True,
+        fan_in: int = 32,
+    ) -> dict[str, int]:
+        num_params = num_labels * fan_in + (num_labels if bias else 0)
+        slots = num_labels * fan_in
         return {
-            "weights": num_params * size,
-            "indices": layer.indices.numel() * layer.indices.element_size(),
-            # The input-gradient kernel's column view of the pattern: int64 slot ids and D+1 pointers.
-            "transpose": 8 * (layer.indices.numel() + self.in_features + 1),
+            "weights": num_params * param_bytes,
+            "indices": slots * index_dtype(in_features).itemsize,
+            # The input-gradient kernel's column view of the pattern: slot ids and D + 1 int64 pointers.
+            "transpose": slots * (4 if slots < 2**31 else 8) + 8 * (in_features + 1),
             "master_weights": 4 * num_params if master_weights else 0,
-            "gradients": num_params * size,
+            "gradients": num_params * param_bytes,
             "optimizer": optimizer_state_bytes(num_params, optimizer),
-            "logits": 4 * batch_size * self.label_chunk(batch_size) * 2,
+            "logits": logits_bytes(num_labels, batch_size),
         }
+
+    def shape_options(self) -> dict:
+        return {"bias": self.layer.bias is not None, "fan_in": self.layer.fan_in}
 
     def shard(self, rank: int, world: int) -> FixedFanInClassifier:
         start, stop = shard_range(self.num_labels, rank, world)
