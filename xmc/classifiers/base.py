@@ -143,8 +143,16 @@ def label_chunk(num_labels: int, batch_size: int) -> int:
 
 
 def logits_bytes(num_labels: int, batch_size: int) -> int:
-    """One label chunk's fp32 scores and their gradient, alive together in the chunked loss."""
-    return 4 * batch_size * label_chunk(num_labels, batch_size) * 2
+    """The chunked loss's working set: one label chunk's fp32 scores, 0/1 targets, loss gradient and
+    one temporary of the same shape, alive together in backward."""
+    return 4 * batch_size * label_chunk(num_labels, batch_size) * 4
+
+
+def chunk_gradient_bytes(num_labels: int, batch_size: int, row_params: int, param_bytes: int) -> int:
+    """A label chunk's parameter gradient before it is written into the whole gradient: only when
+    the labels take more than one chunk (one chunk's gradient is the whole gradient)."""
+    chunk = label_chunk(num_labels, batch_size)
+    return 0 if chunk >= num_labels else chunk * row_params * param_bytes
 
 
 def shard_range(num_labels: int, rank: int, world: int) -> tuple[int, int]:
@@ -187,25 +195,37 @@ class _ChunkedLoss(torch.autograd.Function):
         params = classifier.label_parameters() + classifier.shared_parameters()
         scale = grad_output / (h.shape[0] * classifier.num_labels)
         grad_h = torch.zeros_like(h, dtype=scale.dtype) if ctx.needs_input_grad[0] else None
+        needs = ctx.needs_input_grad[4:]
+        chunks = list(_chunks(classifier, h.shape[0]))
+        single = len(chunks) == 1
+        # One chunk: its gradients are the whole gradients, used as they come (no second copy).
+        # Several: label-indexed rows are written once each, shared parameters are summed.
         grads = [
-            torch.zeros_like(p) if need else None
-            for p, need in zip(params, ctx.needs_input_grad[4:], strict=True)
+            None
+            if not need or (single and i < num_label_params)
+            else (torch.empty_like(p) if i < num_label_params else torch.zeros_like(p))
+            for i, (p, need) in enumerate(zip(params, needs, strict=True))
         ]
         with torch.no_grad():
-            for start, stop in _chunks(classifier, h.shape[0]):
+            for start, stop in chunks:
                 logits = classifier.chunk_logits(h, start, stop)
                 _, g = loss_sum_and_grad(logits, ctx.positives.dense(start, stop), ctx.kind, want_grad=True)
                 g = (g * scale).to(logits.dtype)
+                del logits
                 part_h, part_params = classifier.chunk_backward(h, g, start, stop)
+                del g
                 if grad_h is not None:
                     grad_h += part_h
-                for i, (full, part) in enumerate(zip(grads, part_params, strict=True)):
-                    if full is None or part is None:
+                for i, part in enumerate(part_params):
+                    if not needs[i] or part is None:
                         continue
                     if i < num_label_params:
-                        full[start:stop] = part
+                        if single:
+                            grads[i] = part.to(params[i].dtype)
+                        else:
+                            grads[i][start:stop] = part
                     else:
-                        full += part
+                        grads[i] += part
         if grad_h is not None:
             grad_h = grad_h.to(h.dtype)
         return (grad_h, None, None, None, *grads)

@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmc.classifiers.base import Classifier, logits_bytes, optimizer_state_bytes, shard_range
+from xmc.classifiers.base import (
+    Classifier,
+    chunk_gradient_bytes,
+    logits_bytes,
+    optimizer_state_bytes,
+    shard_range,
+)
 
 
 class DenseClassifier(Classifier):
@@ -69,6 +75,8 @@ class DenseClassifier(Classifier):
             "gradients": num_params * param_bytes,
             "optimizer": optimizer_state_bytes(num_params, optimizer),
             "logits": logits_bytes(num_labels, batch_size),
+            # With several label chunks, one chunk's weight gradient exists before it is written.
+            "chunk_gradient": chunk_gradient_bytes(num_labels, batch_size, in_features + bias, param_bytes),
         }
 
     def shape_options(self) -> dict:

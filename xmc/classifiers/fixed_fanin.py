@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from xmc.classifiers.base import Classifier, logits_bytes, optimizer_state_bytes, shard_range
+from xmc.classifiers.base import (
+    Classifier,
+    chunk_gradient_bytes,
+    logits_bytes,
+    optimizer_state_bytes,
+    shard_range,
+)
 from xmc.kernels.fixed_fanin import fixed_fanin, fixed_fanin_backward
 from xmc.nn.fixed_fanin import FixedFanInLinear, index_dtype
 
@@ -92,6 +98,8 @@ class FixedFanInClassifier(Classifier):
             "gradients": num_params * param_bytes,
             "optimizer": optimizer_state_bytes(num_params, optimizer),
             "logits": logits_bytes(num_labels, batch_size),
+            # With several label chunks, one chunk's weight gradient exists before it is written.
+            "chunk_gradient": chunk_gradient_bytes(num_labels, batch_size, fan_in + bias, param_bytes),
         }
 
     def shape_options(self) -> dict:

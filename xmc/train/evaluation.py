@@ -15,7 +15,7 @@ def predict_rows(
 ):
     """``(scores float32 (len(rows), k), ids int32 (len(rows), k))`` of documents ``rows`` of the inputs
     ``source``, best first, in eval mode and batches of ``batch_size``."""
-    from xmc.train.loop import _autocast
+    from xmc.train.loop import autocast
 
     model.eval()
     scores = np.empty((len(rows), k), np.float32)
@@ -23,7 +23,7 @@ def predict_rows(
     for start in range(0, len(rows), batch_size):
         part = rows[start : start + batch_size]
         batch = {key: v.to(device, non_blocking=True) for key, v in source.batch(part).items()}
-        with _autocast(device, precision):
+        with autocast(device, precision):
             h = model.represent(batch)
         top_scores, top_ids = model.classifier.topk(h.float(), k)
         scores[start : start + len(part)] = top_scores.cpu().numpy()

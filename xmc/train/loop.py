@@ -54,7 +54,7 @@ class Position:
     history: list = field(default_factory=list)
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str):
     if precision in ("bf16", "fp16"):
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(device.type, dtype=dtype)
@@ -73,24 +73,50 @@ def _schedule(warmup: float, total: int):
 
 
 def build_optimizers(config: Config, model) -> list[torch.optim.Optimizer]:
+    """AdamW for the encoder side; AdamW or SGD (momentum 0.9) for the classifier side.
+
+    The fused implementations (CPU and CUDA) update each tensor in one pass without temporaries: the
+    for-each / per-tensor paths allocate a copy of the parameters they update (``sqrt`` of the second
+    moment), which at millions of labels is gigabytes on top of the optimizer state.
+    """
     t = config.train
     encoder_params, classifier_params = model.parameter_groups()
     optimizers = []
     if encoder_params:
         optimizers.append(
-            torch.optim.AdamW(encoder_params, lr=t.encoder_lr, weight_decay=t.encoder_weight_decay)
+            torch.optim.AdamW(
+                encoder_params,
+                lr=t.encoder_lr,
+                weight_decay=t.encoder_weight_decay,
+                fused=_fusable(encoder_params),
+            )
         )
     if t.classifier_optimizer == "sgd":
         optimizers.append(
             torch.optim.SGD(
-                classifier_params, lr=t.classifier_lr, momentum=0.9, weight_decay=t.classifier_weight_decay
+                classifier_params,
+                lr=t.classifier_lr,
+                momentum=0.9,
+                weight_decay=t.classifier_weight_decay,
+                fused=_fusable(classifier_params),
             )
         )
     else:
         optimizers.append(
-            torch.optim.AdamW(classifier_params, lr=t.classifier_lr, weight_decay=t.classifier_weight_decay)
+            torch.optim.AdamW(
+                classifier_params,
+                lr=t.classifier_lr,
+                weight_decay=t.classifier_weight_decay,
+                fused=_fusable(classifier_params),
+            )
         )
     return optimizers
+
+
+def _fusable(params) -> bool | None:
+    """Whether the fused optimizer kernels serve these parameters (floating point, CPU or CUDA)."""
+    ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return True if ok else None
 
 
 def train(
@@ -201,7 +227,7 @@ def train(
                     }
                     positives = Positives.from_csr(train_split.Y[local], device=device)
                     lam = meta_weight_fn(pos.epoch + micro / micro_per_epoch) if meta_weight_fn else 0.0
-                    with _autocast(device, precision):
+                    with autocast(device, precision):
                         loss = model.loss(batch, positives, t.loss, lam) / len(window)
                     scaler.scale(loss).backward()
                     loss_sum += loss.detach()

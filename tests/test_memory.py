@@ -1,0 +1,307 @@
+"""The memory planner: estimates against hand-computed byte counts, the CLI, and --measure on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from xmc.cli import main
+from xmc.memory import (
+    CUDA_RESERVE,
+    ENCODERS,
+    PRESETS,
+    EncoderSpec,
+    Plan,
+    _rss,
+    encoder_spec,
+    estimate,
+    fits,
+    plan_from_config,
+    preset_plan,
+    report,
+)
+
+# A transformer small enough to count by hand: H=8, 1 layer, 2 heads, I=16, vocab 10, 4 positions, 2 types.
+TINY = EncoderSpec("tiny", hidden=8, layers=1, heads=2, intermediate=16, vocab=10, positions=4, token_types=2)
+# Parameters: embeddings (10 + 4 + 2) * 8 + 2 * 8 (layer norm) = 144; the layer: Q, K, V, output 4 * (64 + 8),
+# two layer norms 2 * 16, feed-forward 8 * 16 + 16 + 16 * 8 + 8 = 280: 288 + 32 + 280 = 600. Total 744.
+TINY_PARAMS = 744
+
+
+def plan(**changes) -> Plan:
+    base = Plan(labels=100, encoder=TINY, fan_in=2, batch=2, seq_len=4, precision="bf16", device="cuda")
+    return replace(base, **changes)
+
+
+def test_tiny_transformer_parameters_by_hand_and_against_the_real_model():
+    assert TINY.num_parameters() == TINY_PARAMS
+    from transformers import BertConfig, DistilBertConfig, RobertaConfig
+
+    from xmc.encoders import TransformerEncoder
+
+    configs = {
+        "bert": (
+            BertConfig(
+                vocab_size=10,
+                hidden_size=8,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=16,
+                max_position_embeddings=4,
+                type_vocab_size=2,
+            ),
+            TINY,
+        ),
+        "distilbert": (
+            DistilBertConfig(
+                vocab_size=10, dim=8, n_layers=1, n_heads=2, hidden_dim=16, max_position_embeddings=4
+            ),
+            replace(TINY, token_types=0),
+        ),
+        "roberta": (
+            RobertaConfig(
+                vocab_size=10,
+                hidden_size=8,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=16,
+                max_position_embeddings=6,
+                type_vocab_size=1,
+            ),
+            replace(TINY, layers=2, positions=6, token_types=1),
+        ),
+    }
+    for name, (hf, spec) in configs.items():
+        real = sum(p.numel() for p in TransformerEncoder.from_config(hf).parameters())
+        assert spec.num_parameters() == real, name
+
+
+def test_every_component_by_hand_fp32_and_bf16_world_1_and_4():
+    # Encoder: 744 parameters -> 4 * 744 bytes each for weights and gradients, 8 * 744 for AdamW.
+    # Activations per layer, tokens = 2 * 4 = 8: bf16 (e=2) 8 * (8 * (12 + 10 + 2) + 2 * 2 * 16) = 2048,
+    # fused attention's log-sum-exp 4 * 2 heads * 4 * 2 = 64; embeddings 8 * 8 * 9 = 576: 2688.
+    # fp32 (e=4): 8 * (8 * (12 + 20 + 2) + 2 * 4 * 16) + 64 + 576 = 3840.
+    # Classifier at world 1 (L=100, D=8, bias): dense 900 parameters, fixed fan-in K=2 300; one chunk
+    # of 100 labels: logits 4 bytes * 2 rows * 100 * 4 buffers = 3200; int16 ids 100 * 2 * 2 = 400;
+    # transpose 200 int32 slots + 9 int64 pointers = 872.
+    # World 4: 25 labels per rank, 8 gathered rows: dense 225 parameters, fixed 75; logits 4 * 8 * 25 * 4.
+    encoder = {"encoder parameters": 2976, "encoder gradients": 2976, "encoder optimizer": 5952}
+    head = {"head parameters": 0, "head gradients": 0, "head optimizer": 0}
+    for precision, activations in (("bf16", 2688), ("fp32", 3840)):
+        for world, dense_p, fixed_p, logits, ids, transpose in (
+            (1, 900, 300, 3200, 400, 872),
+            (4, 225, 75, 3200, 100, 272),
+        ):
+            got = estimate(plan(precision=precision, world_size=world), ("dense", "fixed_fanin"))
+            common = {**encoder, "encoder activations": activations, **head}
+            assert got["dense"] == {
+                **common,
+                "classifier weights": 4 * dense_p,
+                "classifier master_weights": 0,
+                "classifier gradients": 4 * dense_p,
+                "classifier optimizer": 8 * dense_p,
+                "classifier logits": logits,
+                "classifier chunk_gradient": 0,
+            }, (precision, world)
+            assert got["fixed_fanin"] == {
+                **common,
+                "classifier weights": 4 * fixed_p,
+                "classifier indices": ids,
+                "classifier transpose": transpose,
+                "classifier master_weights": 0,
+                "classifier gradients": 4 * fixed_p,
+                "classifier optimizer": 8 * fixed_p,
+                "classifier logits": logits,
+                "classifier chunk_gradient": 0,
+            }, (precision, world)
+
+
+def test_classifier_state_bytes_in_half_precision_and_with_master_weights():
+    from xmc.classifiers import DenseClassifier, FixedFanInClassifier
+
+    dense = DenseClassifier.state_bytes(
+        8, 100, batch_size=2, param_bytes=2, master_weights=True, optimizer="sgd"
+    )
+    assert (dense["weights"], dense["gradients"], dense["master_weights"], dense["optimizer"]) == (
+        1800,
+        1800,
+        3600,
+        3600,
+    )
+    fixed = FixedFanInClassifier.state_bytes(8, 100, batch_size=2, param_bytes=2, fan_in=2, bias=False)
+    assert (fixed["weights"], fixed["gradients"], fixed["optimizer"]) == (400, 400, 1600)
+    # A built classifier reports the same as its class asked about its shape.
+    built = FixedFanInClassifier(8, 100, 2).memory(batch_size=2)
+    assert built == FixedFanInClassifier.state_bytes(8, 100, batch_size=2, fan_in=2)
+
+
+def test_chunk_gradient_counted_only_when_labels_take_several_chunks():
+    from xmc.classifiers.base import CHUNK_ELEMENTS, label_chunk
+
+    one = estimate(plan(labels=1000, batch=8), ("dense",))["dense"]
+    assert one["classifier chunk_gradient"] == 0
+    labels = 3 * CHUNK_ELEMENTS // 8
+    many = estimate(plan(labels=labels, batch=8), ("dense",))["dense"]
+    assert many["classifier chunk_gradient"] == label_chunk(labels, 8) * 9 * 4
+
+
+def test_gradient_checkpointing_accumulation_and_heads():
+    deep = replace(TINY, layers=4)
+    full = estimate(plan(encoder=deep, batch=16, seq_len=64), ("dense",))["dense"]
+    ckpt_plan = plan(encoder=deep, batch=16, seq_len=64, gradient_checkpointing=True)
+    ckpt = estimate(ckpt_plan, ("dense",))["dense"]
+    assert ckpt["encoder activations"] < full["encoder activations"]
+    accum = estimate(plan(grad_accum=2), ("dense",))["dense"]
+    assert accum["classifier accumulation"] == accum["classifier gradients"]
+    heads = estimate(plan(intermediate=16, meta_clusters=5), ("fixed_fanin",))["fixed_fanin"]
+    # Intermediate 8 -> 16: 8 * 16 + 16 = 144 parameters; meta head 5 * (16 + 1) = 85.
+    assert heads["head parameters"] == 4 * (144 + 85)
+    assert heads["head optimizer"] == 8 * (144 + 85)
+
+
+def test_estimates_never_build_the_model():
+    before, _ = _rss()
+    data = report(Plan(labels=2_812_281, fan_in=64, batch=128))
+    after, _ = _rss()
+    dense = data["backends"]["dense"]["components"]["classifier weights"]
+    assert dense == 4 * (2_812_281 * 768 + 2_812_281)  # 8 GiB described ...
+    assert after - before < 64 * 2**20  # ... without allocating it
+
+
+def test_fits_subtracts_the_cuda_reserve():
+    room = fits(8 * 2**30 - CUDA_RESERVE)
+    assert room[8] == 0 and room[12] == 4 * 2**30
+
+
+def test_presets_use_their_real_label_counts_and_configs():
+    for name, (_, labels) in PRESETS.items():
+        p = preset_plan(name)
+        assert p.labels == labels and p.encoder.kind == "transformer"
+    amazon = preset_plan("amazon-3m")
+    assert (amazon.batch, amazon.grad_accum, amazon.fan_in, amazon.precision) == (128, 2, 128, "fp16")
+    assert amazon.encoder == ENCODERS["bert-base"]
+    titles = preset_plan("lf-amazontitles-1.3m")
+    assert titles.encoder.layers == 6 and titles.seq_len == 32 and titles.optimizer == "sgd"
+
+
+def test_plan_from_a_bow_config_reads_the_header(tmp_path):
+    from xmc.config import load_config
+
+    train = tmp_path / "train.txt"
+    train.write_text("2 50 7\n0,3 1:1 4:2\n6 0:1\n")
+    overrides = [f"data.train={train}", "data.labels=null", "encoder.dim=32", "classifier.fan_in=4"]
+    config = load_config(None, overrides)
+    p = plan_from_config(config)
+    assert (p.labels, p.encoder.kind, p.encoder.features, p.encoder.hidden) == (7, "bow", 50, 32)
+    assert p.encoder.num_parameters() == 50 * 32 + 32
+
+
+def test_encoder_spec_from_a_local_folder_counts_the_safetensors(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    hf = BertConfig(
+        vocab_size=10,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=4,
+    )
+    model = BertModel(hf)
+    model.save_pretrained(tmp_path)
+    spec = encoder_spec(str(tmp_path))
+    assert spec.hidden == 8 and spec.layers == 1
+    assert spec.num_parameters() == TINY_PARAMS  # the pooler in the file is excluded
+    assert encoder_spec("models/bert-base-uncased") == ENCODERS["bert-base"]
+    with pytest.raises(ValueError, match="unknown encoder"):
+        encoder_spec("no-such-model")
+
+
+def test_cli_prints_both_backends_and_the_cards(capsys):
+    assert main(["memory", "--labels", "2812281", "--hidden", "768", "--fan-in", "64", "--batch", "128"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "dense" in line)
+    assert "fixed_fanin" in header
+    for card in (8, 12, 16, 24, 40, 48, 80):
+        assert f"\n{card} GB" in out
+    # 2.8M x 768 dense in fp32 with AdamW: 32 GiB of classifier state; it fits only the 48 and 80 GB cards.
+    dense_fit = [line.split()[2] for line in out.splitlines() if line.endswith("GiB") and " GB " in line]
+    assert dense_fit == ["no", "no", "no", "no", "no", "yes", "yes"]
+
+
+def test_cli_json_plot_and_world_size(tmp_path, capsys):
+    png = tmp_path / "chart.png"
+    assert (
+        main(
+            ["memory", "--preset", "all", "--json", "--plot", str(png), "--backends", "dense", "fixed_fanin"]
+        )
+        == 0
+    )
+    data = json.loads(capsys.readouterr().out)
+    assert [d["plan"]["name"] for d in data] == list(PRESETS)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (
+        main(["memory", "--preset", "amazon-3m", "--world-size", "4", "--json", "--backends", "dense"]) == 0
+    )
+    four = json.loads(capsys.readouterr().out)
+    assert four["plan"]["labels_per_rank"] == 703_071
+    one = report(preset_plan("amazon-3m"), ("dense",))
+    assert (
+        four["backends"]["dense"]["components"]["classifier weights"]
+        < one["backends"]["dense"]["components"]["classifier weights"] / 3.9
+    )
+
+
+def test_cli_errors_name_the_fix(capsys):
+    assert main(["memory", "--hidden", "768"]) == 2
+    assert "--labels" in capsys.readouterr().err
+    assert main(["memory", "--labels", "1000", "--encoder", "bert-base", "--hidden", "512"]) == 2
+    assert "--intermediate 512" in capsys.readouterr().err
+    assert main(["memory", "--preset", "wiki-1b"]) == 2
+    assert "amazon-3m" in capsys.readouterr().err
+    assert main(["memory", "--labels", "1000", "--fan-in", "1000"]) == 2
+    assert "--fan-in" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_measure_on_cpu_matches_the_estimate_within_a_quarter():
+    """A tiny transformer, dense, L = 200,000 (estimate >= 1 GiB): resident-set growth within 25%."""
+    command = [
+        sys.executable,
+        "-m",
+        "xmc",
+        "memory",
+        "--encoder",
+        "bert-tiny",
+        "--labels",
+        "200000",
+        "--intermediate",
+        "512",
+        "--batch",
+        "8",
+        "--seq-len",
+        "32",
+        "--precision",
+        "fp32",
+        "--backends",
+        "dense",
+        "--measure",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--json",
+    ]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    (result,) = json.loads(done.stdout)["measured"]
+    assert result["estimate_bytes"] >= 2**30
+    assert 0.75 <= result["ratio"] <= 1.25, result
+    assert torch.isfinite(torch.tensor(result["loss"]))

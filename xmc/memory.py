@@ -1,0 +1,716 @@
+"""Memory planner: where the memory of a training step goes, and which GPUs it fits, without building it.
+
+A :class:`Plan` describes a training setup by its shapes alone (encoder, labels L, classifier input
+width D, fan-in K, batch, sequence length, precision, optimizer, world size). :func:`estimate`
+returns the bytes of every component for each classifier backend; the classifier's share comes from
+the backends' own ``Classifier.state_bytes`` (a classmethod over the shape), the rest from the
+formulas below. Nothing is allocated, so a plan for 2.8M labels answers in milliseconds.
+:func:`measure` runs real training steps of the same shape (random-init encoder, synthetic data) and
+reports the peak memory it took, to check the estimate on the machine at hand.
+
+What is counted, per rank (the training loop keeps fp32 parameters and autocasts activations):
+
+- encoder parameters, gradients and optimizer state: ``4 P``, ``4 P`` and ``8 P`` bytes (AdamW) for
+  P parameters; a transformer's P is computed from its configuration (the pooler is dropped, as
+  ``TransformerEncoder`` does);
+- encoder activations kept for backward. Per layer and token, with ``e`` the activation size (2 under
+  bf16/fp16 autocast, 4 in fp32), ``f = 4`` for the fp32 tensors layer norms keep under autocast,
+  H the width and I the feed-forward width: ``H (3 f + 5 e + 2) + 2 e I`` -- the layer input, Q, K,
+  V, the attention context, two layer-norm inputs, the feed-forward input, its two I-wide tensors and
+  two dropout masks (1 byte each). Attention adds the log-sum-exp of fused attention on CUDA
+  (``4 heads T`` per sequence) or the T x T probabilities and their dropout mask of the math path
+  on CPU (``(e + 1) heads T^2``). The embeddings keep ``H (2 f + 1)`` per token. Gradient
+  checkpointing keeps only each layer's input (``f H``) plus one layer's activations. This is an
+  approximation (kernels differ by version); ``--measure`` shows the real figure;
+- the intermediate layer and the meta head: parameters, gradients and optimizer state as above;
+- the classifier: ``state_bytes`` of the backend (weights, ids, gradients, optimizer state, the
+  chunked loss's buffers). Under label sharding each rank holds ``ceil(L / world)`` labels and scores
+  the all-gathered batch of ``world x batch`` documents.
+
+Optimizers run fused (one pass per tensor, no temporaries; see ``xmc.train.loop.build_optimizers``).
+A card of G GiB fits when the total is at most ``G GiB - CUDA_RESERVE`` (the CUDA context, cuBLAS
+workspaces and allocator slack of a PyTorch process, about 0.5-1 GiB).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+CARDS_GIB = (8, 12, 16, 24, 40, 48, 80)
+CUDA_RESERVE = int(0.75 * 2**30)
+BACKENDS = ("dense", "fixed_fanin")
+_LN = 4  # bytes per element of the fp32 tensors layer norms keep under autocast
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """The shape of an encoder. ``kind``: transformer, bow (``features`` = its input width F) or
+    features (precomputed embeddings, no parameters)."""
+
+    name: str
+    kind: str = "transformer"
+    hidden: int = 768
+    layers: int = 12
+    heads: int = 12
+    intermediate: int = 3072
+    vocab: int = 30522
+    positions: int = 512
+    token_types: int = 2
+    features: int = 0
+    params: int | None = None  # exact count when known (e.g. read from a safetensors header)
+
+    def num_parameters(self) -> int:
+        if self.params is not None:
+            return self.params
+        if self.kind == "bow":
+            return self.features * self.hidden + self.hidden
+        if self.kind == "features":
+            return 0
+        h, i = self.hidden, self.intermediate
+        embeddings = (self.vocab + self.positions + self.token_types) * h + 2 * h
+        layer = 4 * h * h + 2 * h * i + 9 * h + i
+        return embeddings + self.layers * layer
+
+
+# Hugging Face base models the anchors use, plus the bundled MiniLM and a tiny BERT for tests.
+ENCODERS = {
+    "bert-base": EncoderSpec("bert-base"),
+    "bert-large": EncoderSpec("bert-large", hidden=1024, layers=24, heads=16, intermediate=4096),
+    "distilbert-base": EncoderSpec("distilbert-base", layers=6, token_types=0),
+    "roberta-base": EncoderSpec("roberta-base", vocab=50265, positions=514, token_types=1),
+    "distilroberta-base": EncoderSpec(
+        "distilroberta-base", layers=6, vocab=50265, positions=514, token_types=1
+    ),
+    "minilm": EncoderSpec("minilm", hidden=384, layers=6, heads=12, intermediate=1536),
+    "bert-tiny": EncoderSpec("bert-tiny", hidden=128, layers=2, heads=2, intermediate=512),
+}
+_ALIASES = {
+    "bert-base-uncased": "bert-base",
+    "bert-base-cased": "bert-base",
+    "bert-large-uncased": "bert-large",
+    "distilbert-base-uncased": "distilbert-base",
+    "all-minilm-l6-v2": "minilm",
+}
+
+
+def encoder_spec(name: str, hidden: int | None = None) -> EncoderSpec:
+    """An encoder by preset name, ``bow:F`` (bag-of-words over F features into ``hidden``),
+    ``features`` (precomputed ``hidden``-wide embeddings), or a local Hugging Face folder (its
+    ``config.json``, and the exact parameter count from ``model.safetensors`` when present)."""
+    key = name.lower()
+    if key.startswith("bow:"):
+        try:
+            features = int(key[4:].replace(",", "").replace("_", ""))
+        except ValueError:
+            raise ValueError(f"--encoder {name}: write bow:F with F the number of input features") from None
+        return EncoderSpec(name, kind="bow", hidden=hidden or 256, features=features, layers=0)
+    if key == "features":
+        if not hidden:
+            raise ValueError("--encoder features needs --hidden (the width of the precomputed embeddings)")
+        return EncoderSpec(name, kind="features", hidden=hidden, layers=0)
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file():
+        return _spec_from_folder(path)
+    base = _ALIASES.get(Path(key).name, Path(key).name)
+    if base in ENCODERS:
+        return ENCODERS[base]
+    raise ValueError(
+        f"unknown encoder {name!r}: name a preset ({', '.join(ENCODERS)}), bow:F, features, or a local "
+        "Hugging Face model folder with a config.json"
+    )
+
+
+def _spec_from_folder(path: Path) -> EncoderSpec:
+    cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+
+    def get(*keys, default=None):
+        for k in keys:
+            if k in cfg:
+                return int(cfg[k])
+        if default is None:
+            raise ValueError(f"{path}/config.json lacks {keys[0]}: cannot size this encoder")
+        return default
+
+    hidden = get("hidden_size", "dim", "d_model")
+    spec = EncoderSpec(
+        str(path),
+        hidden=hidden,
+        layers=get("num_hidden_layers", "n_layers", "num_layers"),
+        heads=get("num_attention_heads", "n_heads", default=max(1, hidden // 64)),
+        intermediate=get("intermediate_size", "hidden_dim", "ffn_dim", default=4 * hidden),
+        vocab=get("vocab_size"),
+        positions=get("max_position_embeddings", default=512),
+        token_types=get("type_vocab_size", default=0),
+    )
+    weights = path / "model.safetensors"
+    if weights.is_file():
+        spec = replace(spec, params=_safetensors_count(weights))
+    return spec
+
+
+def _safetensors_count(path: Path) -> int:
+    """Parameters in a safetensors file, from its header alone (the pooler excluded)."""
+    with open(path, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+    return sum(
+        math.prod(entry["shape"])
+        for key, entry in header.items()
+        if key != "__metadata__" and "pooler" not in key
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A training setup by its shapes. ``batch`` is per rank; ``hidden`` is the encoder's output
+    width (the classifier's input unless ``intermediate`` adds a layer)."""
+
+    labels: int
+    encoder: EncoderSpec = field(default_factory=lambda: ENCODERS["bert-base"])
+    fan_in: int = 128
+    batch: int = 64
+    seq_len: int = 128
+    precision: str = "bf16"  # fp32, bf16 or fp16 (autocast over fp32 parameters)
+    optimizer: str = "adamw"  # classifier optimizer: adamw or sgd (the encoder always uses AdamW)
+    world_size: int = 1
+    intermediate: int = 0
+    meta_clusters: int = 0
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    freeze_encoder: bool = False
+    device: str = "cuda"  # cuda or cpu: decides the attention path counted
+    rps_compression: float = 8.0
+    name: str = ""
+
+    @property
+    def width(self) -> int:
+        """D, the classifier's input width."""
+        return self.intermediate or self.encoder.hidden
+
+    @property
+    def labels_per_rank(self) -> int:
+        return math.ceil(self.labels / self.world_size)
+
+    def check(self) -> None:
+        if self.labels < 1:
+            raise ValueError(f"--labels must be positive, got {self.labels}")
+        for key in ("batch", "seq_len", "world_size", "grad_accum"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if not 1 <= self.fan_in <= self.width:
+            raise ValueError(
+                f"--fan-in {self.fan_in} must lie in 1..{self.width} (the classifier's input width)"
+            )
+
+
+def backends() -> dict[str, type]:
+    """Classifier classes by ``classifier.type``, RPS included once it is installed."""
+    from xmc.classifiers import DenseClassifier, FixedFanInClassifier
+
+    found = {"dense": DenseClassifier, "fixed_fanin": FixedFanInClassifier}
+    try:
+        from xmc.classifiers.rps import RPSClassifier
+    except ImportError:
+        return found
+    found["rps"] = RPSClassifier
+    return found
+
+
+def _activation_bytes(plan: Plan) -> int:
+    spec = plan.encoder
+    if spec.kind != "transformer":
+        return 4 * plan.batch * spec.hidden * 2  # the (B, D) output and its dropout copy
+    if plan.freeze_encoder:
+        return 0
+    e = 4 if plan.precision == "fp32" else 2
+    tokens = plan.batch * plan.seq_len
+    h, i = spec.hidden, spec.intermediate
+    if plan.device == "cuda":
+        attention = 4 * spec.heads * plan.seq_len * plan.batch
+    else:
+        attention = (e + 1) * spec.heads * plan.seq_len**2 * plan.batch
+    layer = tokens * (h * (3 * _LN + 5 * e + 2) + 2 * e * i) + attention
+    embeddings = tokens * h * (2 * _LN + 1)
+    if plan.gradient_checkpointing:
+        return embeddings + spec.layers * tokens * h * _LN + layer
+    return embeddings + spec.layers * layer
+
+
+def _trainable(params: int, optimizer: str) -> dict[str, int]:
+    from xmc.classifiers.base import optimizer_state_bytes
+
+    return {
+        "parameters": 4 * params,
+        "gradients": 4 * params,
+        "optimizer": optimizer_state_bytes(params, optimizer),
+    }
+
+
+def estimate(plan: Plan, names: tuple[str, ...] | None = None) -> dict[str, dict[str, int]]:
+    """``{backend: {component: bytes}}`` per rank for each classifier backend (all known ones by
+    default). Components are prefixed ``encoder``, ``head`` (intermediate layer and meta head) and
+    ``classifier``."""
+    plan.check()
+    available = backends()
+    names = tuple(available) if names is None else names
+    unknown = [n for n in names if n not in available]
+    if unknown:
+        raise ValueError(f"unknown classifier backend(s) {unknown}: choose from {', '.join(available)}")
+    encoder = _trainable(plan.encoder.num_parameters(), "adamw")
+    if plan.freeze_encoder:
+        encoder.update(gradients=0, optimizer=0)
+    common = {f"encoder {k}": v for k, v in encoder.items()}
+    common["encoder activations"] = _activation_bytes(plan)
+    head_params = 0
+    if plan.intermediate:
+        head_params += plan.encoder.hidden * plan.intermediate + plan.intermediate
+    if plan.meta_clusters:
+        head_params += plan.meta_clusters * (plan.width + 1)
+    common.update({f"head {k}": v for k, v in _trainable(head_params, plan.optimizer).items()})
+    rows = plan.batch * plan.world_size  # the classifier scores the all-gathered batch
+    out = {}
+    for name in names:
+        options = {}
+        if name == "fixed_fanin":
+            options["fan_in"] = plan.fan_in
+        elif name == "rps":
+            options["compression"] = plan.rps_compression
+        parts = available[name].state_bytes(
+            plan.width,
+            plan.labels_per_rank,
+            batch_size=rows,
+            optimizer=plan.optimizer,
+            **options,
+        )
+        if plan.grad_accum > 1:  # a micro-batch's fresh gradient meets the accumulated one
+            parts["accumulation"] = parts["gradients"]
+        out[name] = {**common, **{f"classifier {k}": int(v) for k, v in parts.items()}}
+    return out
+
+
+def fits(total: int) -> dict[int, int]:
+    """Headroom in bytes (negative: does not fit) on each card of ``CARDS_GIB``."""
+    return {card: card * 2**30 - CUDA_RESERVE - total for card in CARDS_GIB}
+
+
+def report(plan: Plan, names: tuple[str, ...] | None = None) -> dict:
+    """The JSON form: the plan, and per backend its components, total and headroom per card."""
+    parts = estimate(plan, names)
+    encoder = asdict(plan.encoder)
+    encoder["parameters"] = plan.encoder.num_parameters()
+    return {
+        "plan": {
+            **asdict(plan),
+            "encoder": encoder,
+            "width": plan.width,
+            "labels_per_rank": plan.labels_per_rank,
+        },
+        "cuda_reserve_bytes": CUDA_RESERVE,
+        "backends": {
+            name: {
+                "components": comp,
+                "total": sum(comp.values()),
+                "headroom": {f"{card}GB": room for card, room in fits(sum(comp.values())).items()},
+            }
+            for name, comp in parts.items()
+        },
+    }
+
+
+def human(n: float) -> str:
+    """Bytes as B / KiB / MiB / GiB with three significant figures."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_report(data: dict) -> str:
+    """A terminal table: components in rows, backends in columns, then the cards each fits."""
+    plan, by = data["plan"], data["backends"]
+    names = list(by)
+    enc = plan["encoder"]
+    lines = [
+        f"{plan['name'] + ': ' if plan['name'] else ''}L = {plan['labels']:,} labels"
+        + (
+            f" ({plan['labels_per_rank']:,} per rank of {plan['world_size']})"
+            if plan["world_size"] > 1
+            else ""
+        )
+        + f", D = {plan['width']}, K = {plan['fan_in']}, batch {plan['batch']}"
+        + (f" x {plan['grad_accum']} accumulated" if plan["grad_accum"] > 1 else "")
+        + f", {plan['precision']}, {plan['optimizer']}",
+        f"encoder {enc['name']} ({enc['kind']}, {enc['parameters'] / 1e6:.1f}M parameters"
+        + (f", sequence length {plan['seq_len']}" if enc["kind"] == "transformer" else "")
+        + ")",
+        "",
+    ]
+    components = [
+        c
+        for c in dict.fromkeys(c for name in names for c in by[name]["components"])
+        if any(by[n]["components"].get(c) for n in names)  # rows that are zero everywhere are left out
+    ]
+    width = max(len(c) for c in components + ["total"]) + 2
+    col = max(16, *(len(n) + 2 for n in names))
+    lines.append(" " * width + "".join(f"{n:>{col}}" for n in names))
+    for comp in components:
+        cells = []
+        for n in names:
+            value = by[n]["components"].get(comp)
+            cells.append(f"{'-' if value is None else human(value):>{col}}")
+        lines.append(f"{comp.replace('_', ' '):<{width}}" + "".join(cells))
+    lines.append(f"{'total':<{width}}" + "".join(f"{human(by[n]['total']):>{col}}" for n in names))
+    lines += ["", f"fits a card with {human(CUDA_RESERVE)} kept for the CUDA context (headroom):"]
+    for card in CARDS_GIB:
+        cells = []
+        for n in names:
+            room = by[n]["headroom"][f"{card}GB"]
+            cells.append(f"{('yes +' if room >= 0 else 'no -') + human(abs(room)):>{col}}")
+        lines.append(f"{f'{card} GB':<{width}}" + "".join(cells))
+    return "\n".join(lines)
+
+
+# The repository's large sets: their label counts (DESIGN.md) and the shipped configs' settings.
+PRESETS = {
+    "wiki-500k": ("configs/repository/wiki-500k.yaml", 501_070),
+    "amazon-670k": ("configs/repository/amazon-670k.yaml", 670_091),
+    "amazon-3m": ("configs/repository/amazon-3m.yaml", 2_812_281),
+    "lf-amazontitles-1.3m": ("configs/repository/lf-amazontitles-1.3m.yaml", 1_305_265),
+}
+
+
+def preset_plan(name: str, **changes) -> Plan:
+    """The plan of a repository preset: its real L and the anchors' settings from its shipped config."""
+    from xmc.config import default_config_path, load_config
+
+    key = name.lower()
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    relative, labels = PRESETS[key]
+    config = load_config(default_config_path().parents[1] / relative)
+    return replace(plan_from_config(config, labels), name=key, **changes)
+
+
+def plan_from_config(config, labels: int | None = None, features: int | None = None) -> Plan:
+    """A plan from a training :class:`~xmc.config.Config`. ``labels`` (and for bag-of-words,
+    ``features``) default to what the config's files say, read from headers only."""
+    enc = config.encoder
+    if labels is None or (enc.type == "bow" and features is None):
+        found_labels, found_features = _counts_from_data(config)
+        labels = labels if labels is not None else found_labels
+        features = features if features is not None else found_features
+    if labels is None:
+        raise ValueError("cannot tell the number of labels from the config's data files: pass --labels")
+    if enc.type == "transformer":
+        spec = encoder_spec(enc.name_or_path)
+    elif enc.type == "bow":
+        if not features:
+            raise ValueError("cannot tell the bag-of-words feature count from the data: pass --encoder bow:F")
+        spec = EncoderSpec(f"bow:{features}", kind="bow", hidden=enc.dim, features=features, layers=0)
+    else:
+        spec = EncoderSpec("features", kind="features", hidden=enc.dim, layers=0)
+    precision = {"no": "fp32", "auto": "bf16"}.get(config.train.precision, config.train.precision)
+    return Plan(
+        labels=labels,
+        encoder=spec,
+        fan_in=config.classifier.fan_in,
+        batch=config.train.batch_size,
+        seq_len=enc.max_length,
+        precision=precision,
+        optimizer=config.train.classifier_optimizer,
+        intermediate=config.classifier.intermediate,
+        meta_clusters=config.classifier.meta.clusters if config.classifier.meta.enabled else 0,
+        grad_accum=config.train.grad_accum,
+        gradient_checkpointing=enc.gradient_checkpointing,
+        freeze_encoder=enc.freeze,
+    )
+
+
+def _counts_from_data(config) -> tuple[int | None, int | None]:
+    """(L, F) from a bag-of-words header (``N F L``) or a label file's line count; None where unknown."""
+    train = (config.data.train or "").split(",")[0]
+    if config.data.labels and os.path.isfile(config.data.labels):
+        from xmc.data.text import decode_lines
+
+        return len(decode_lines(config.data.labels)), None
+    if train and os.path.isfile(train):
+        from xmc.data.formats import detect_format
+
+        if detect_format(train) == "bow":
+            import gzip
+
+            opener = gzip.open if train.endswith(".gz") else open
+            with opener(train, "rt", encoding="utf-8") as handle:
+                fields = handle.readline().split()
+            if len(fields) == 3 and all(f.isdigit() for f in fields):
+                return int(fields[2]), int(fields[1])
+    return None, None
+
+
+def plot(reports: list[dict], path: str | os.PathLike) -> None:
+    """A PNG bar chart: one group of bars per plan, one bar per backend, stacked by component group
+    (encoder, encoder activations, intermediate / meta head, classifier), with the card sizes as lines."""
+    try:
+        import logging
+
+        import matplotlib
+
+        logging.getLogger("matplotlib").setLevel(logging.WARNING)
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install matplotlib (or the [plot] extra)") from None
+    groups = [
+        ("encoder state", lambda c: c.startswith("encoder") and c != "encoder activations", "#4c72b0"),
+        ("encoder activations", lambda c: c == "encoder activations", "#8fb0d8"),
+        ("intermediate / meta head", lambda c: c.startswith("head"), "#55a868"),
+        ("classifier", lambda c: c.startswith("classifier"), "#c44e52"),
+    ]
+    names = list(dict.fromkeys(n for r in reports for n in r["backends"]))
+    bar = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(2.2 + 2.0 * len(reports), 4.8))
+    hatches = ["", "//", "..", "xx"]
+    for j, name in enumerate(names):
+        for i, r in enumerate(reports):
+            if name not in r["backends"]:
+                continue
+            comp = r["backends"][name]["components"]
+            bottom = 0.0
+            x = i - 0.4 + bar * (j + 0.5)
+            for label, pick, color in groups:
+                value = sum(v for c, v in comp.items() if pick(c)) / 2**30
+                ax.bar(
+                    x,
+                    value,
+                    bar * 0.92,
+                    bottom=bottom,
+                    color=color,
+                    hatch=hatches[j % len(hatches)],
+                    edgecolor="white",
+                    label=label if (i == 0 and j == 0) else None,
+                )
+                bottom += value
+            ax.text(x, bottom, f"{bottom:.1f}", ha="center", va="bottom", fontsize=7)
+    top = max(b["total"] for r in reports for b in r["backends"].values()) / 2**30
+    for card in CARDS_GIB:
+        if card <= top * 1.15:
+            ax.axhline(card - CUDA_RESERVE / 2**30, color="grey", lw=0.6, ls="--")
+            ax.text(len(reports) - 0.45, card - CUDA_RESERVE / 2**30, f"{card} GB", fontsize=7, va="bottom")
+    ax.set_xticks(range(len(reports)))
+    ax.set_xticklabels(
+        [f"{r['plan']['name'] or 'plan'}\nL={r['plan']['labels']:,}" for r in reports], fontsize=8
+    )
+    ax.set_ylabel("GiB per GPU (estimate)")
+    legend = ax.legend(loc="upper left", fontsize=8)
+    ax.add_artist(legend)
+    from matplotlib.patches import Patch
+
+    ax.legend(
+        handles=[
+            Patch(facecolor="white", edgecolor="black", hatch=hatches[j % len(hatches)])
+            for j in range(len(names))
+        ],
+        labels=names,
+        loc="upper center",
+        fontsize=8,
+        title="bars, left to right",
+        title_fontsize=8,
+    )
+    ax.set_title("Training memory per GPU; dashed: card size less the CUDA reserve", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _rss() -> tuple[int, int]:
+    """(current, peak) resident bytes of this process; Linux /proc, else ``resource`` for both."""
+    try:
+        fields = dict(
+            line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+        )
+        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak, peak
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's resident high-water mark (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _synthetic_batch(plan: Plan, config, rows: int, device, generator):
+    import torch
+
+    spec = plan.encoder
+    if spec.kind == "transformer":
+        return {
+            "input_ids": torch.randint(0, spec.vocab, (rows, plan.seq_len), generator=generator).to(device),
+            "attention_mask": torch.ones(rows, plan.seq_len, dtype=torch.int64, device=device),
+        }
+    if spec.kind == "bow":
+        per_row = min(64, spec.features)
+        return {
+            "bow_indices": torch.randint(0, spec.features, (rows * per_row,), generator=generator).to(device),
+            "bow_offsets": torch.arange(0, rows * per_row, per_row, device=device),
+            "bow_weights": torch.full((rows * per_row,), per_row**-0.5, device=device),
+        }
+    return {"features": torch.randn(rows, spec.hidden, generator=generator).to(device)}
+
+
+def measure(plan: Plan, backend: str, steps: int = 3, device: str | None = None) -> dict:
+    """Run ``steps`` real training steps of ``plan``'s shape with ``backend`` (random-init encoder of
+    the planned size, synthetic documents with 5 labels each) and return the peak memory they took
+    over the baseline before the model was built: ``max_memory_allocated`` on CUDA, the growth of
+    the resident set on CPU. A tiny model of the same kind trains one step first, so library code
+    and kernels paged in on first use are not counted as the shape's memory. Label sharding is not
+    simulated: ``world_size`` must be 1."""
+    import gc
+
+    import torch
+
+    if plan.world_size != 1:
+        raise ValueError("--measure runs on one device: drop --world-size")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible to PyTorch")
+    plan = replace(plan, device=dev.type, grad_accum=1)
+    estimate_total = sum(estimate(plan, (backend,))[backend].values())
+    spec = plan.encoder
+    tiny = replace(
+        plan,
+        labels=min(plan.labels, 64),
+        encoder=replace(
+            spec,
+            hidden=32,
+            layers=min(spec.layers, 1),
+            heads=2,
+            intermediate=64,
+            vocab=100,
+            features=min(spec.features, 100),
+            params=None,
+        ),
+        intermediate=32 if plan.intermediate else 0,
+        meta_clusters=min(plan.meta_clusters, 4),
+        fan_in=min(plan.fan_in, 8),
+        batch=2,
+    )
+    _train_steps(tiny, backend, dev, 1)  # warm-up: pages in the code paths the real run takes
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+    else:
+        reset = _reset_peak_rss()
+        base, _ = _rss()
+    loss = _train_steps(plan, backend, dev, steps)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        how = "torch.cuda.max_memory_allocated over the allocation before the model was built"
+    else:
+        _, high = _rss()
+        peak = high - base
+        how = "peak resident set (VmHWM) over the resident set before the model was built"
+        if not reset:
+            how += " (the peak could not be reset: it may include earlier peaks of this process)"
+    return {
+        "backend": backend,
+        "device": str(dev),
+        "steps": steps,
+        "estimate_bytes": estimate_total,
+        "measured_bytes": int(peak),
+        "ratio": peak / estimate_total,
+        "how": how,
+        "loss": loss,
+    }
+
+
+def _train_steps(plan: Plan, backend: str, dev, steps: int) -> float:
+    """``steps`` optimizer steps of a freshly built model of ``plan``'s shape; the last loss."""
+    import torch
+
+    from xmc.config import Config
+    from xmc.losses import Positives
+    from xmc.train.loop import autocast, build_optimizers
+    from xmc.train.run import build_model
+
+    config = Config()
+    config.classifier.type = backend
+    config.classifier.fan_in = plan.fan_in
+    config.classifier.intermediate = plan.intermediate
+    config.train.classifier_optimizer = plan.optimizer
+    generator = torch.Generator().manual_seed(0)
+    batch = _synthetic_batch(plan, config, plan.batch, dev, generator)
+    labels = torch.randint(0, plan.labels, (plan.batch, 5), generator=generator)
+    positives = Positives.from_lists([row.tolist() for row in labels], plan.labels, device=dev)
+    clusters = None
+    if plan.meta_clusters:
+        import numpy as np
+
+        clusters = np.arange(plan.labels) % plan.meta_clusters
+        config.classifier.meta.clusters = plan.meta_clusters
+    model = build_model(config, _random_encoder(plan), plan.labels, clusters).to(dev)
+    optimizers = build_optimizers(config, model)
+    scaler = torch.amp.GradScaler(dev.type, enabled=plan.precision == "fp16" and dev.type == "cuda")
+    precision = {"fp32": "no"}.get(plan.precision, plan.precision)
+    model.train()
+    value = float("nan")
+    for _ in range(steps):
+        with autocast(dev, precision):
+            loss = model.loss(batch, positives, "bce", 0.1 if plan.meta_clusters else 0.0)
+        scaler.scale(loss).backward()
+        for o in optimizers:
+            scaler.step(o)
+        scaler.update()
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
+        value = float(loss.detach())
+    return value
+
+
+def _random_encoder(plan: Plan):
+    spec = plan.encoder
+    if spec.kind == "bow":
+        from xmc.encoders import BowEncoder
+
+        return BowEncoder(spec.features, spec.hidden)
+    if spec.kind == "features":
+        from xmc.encoders import FeaturesEncoder
+
+        return FeaturesEncoder(spec.hidden)
+    from transformers import BertConfig
+
+    from xmc.encoders import TransformerEncoder
+
+    hf = BertConfig(
+        vocab_size=spec.vocab,
+        hidden_size=spec.hidden,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        intermediate_size=spec.intermediate,
+        max_position_embeddings=max(spec.positions, plan.seq_len),
+        type_vocab_size=max(spec.token_types, 1),
+    )
+    encoder = TransformerEncoder.from_config(hf, gradient_checkpointing=plan.gradient_checkpointing)
+    if plan.freeze_encoder:
+        encoder.requires_grad_(False)
+    return encoder
