@@ -92,9 +92,9 @@ def _tiny_bert(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("classifier", ["dense", "fixed_fanin"])
+@pytest.mark.parametrize("classifier", ["dense", "fixed_fanin", "rps"])
 @pytest.mark.parametrize("encoder", ["bow", "transformer", "features"])
-def test_every_encoder_trains_with_both_classifiers(tmp_path, synth_data, encoder, classifier):
+def test_every_encoder_trains_with_every_classifier(tmp_path, synth_data, encoder, classifier):
     overrides = [f"classifier.type={classifier}", "train.epochs=3"]
     fmt = {"bow": "bow", "transformer": "lf-json", "features": "features"}[encoder]
     if encoder == "transformer":

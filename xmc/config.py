@@ -71,6 +71,16 @@ class MetaConfig:
 
 
 @dataclass
+class RPSOptions:
+    method: str = "stable"  # hashednet (per weight), roast (per tile) or stable (STABLE-RPS)
+    compression: float = 8.0  # L x D weights over m shared slots; used when bytes is 0
+    bytes: int = 0  # size of the shared array in bytes (m = bytes / 4), independent of L and D
+    init_scale: float = 0.0  # initial std of the weights; 0 = 1 / sqrt(D), as a dense layer
+    sign: bool = True  # a random sign per weight decorrelates weights that share a slot
+    stable_grad: bool | None = None  # divide slot gradients by the scale^2 (None: on for stable only)
+
+
+@dataclass
 class ClassifierConfig:
     type: str = "fixed_fanin"  # dense, fixed_fanin or rps
     fan_in: int = 32  # fixed fan-in K; memory ~ L * K, accuracy drops when K is far below D
@@ -78,6 +88,7 @@ class ClassifierConfig:
     bias: bool = True
     set: SETOptions = field(default_factory=SETOptions)
     meta: MetaConfig = field(default_factory=MetaConfig)
+    rps: RPSOptions = field(default_factory=RPSOptions)
 
 
 @dataclass
@@ -118,6 +129,7 @@ CHOICES = {
     "encoder.pooling": ("cls", "mean"),
     "classifier.type": ("dense", "fixed_fanin", "rps"),
     "classifier.set.prune": ("fraction", "threshold"),
+    "classifier.rps.method": ("hashednet", "roast", "stable"),
     "train.loss": ("squared_hinge", "bce"),
     "train.classifier_optimizer": ("adamw", "sgd"),
     "train.precision": ("auto", "no", "bf16", "fp16"),

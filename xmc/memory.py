@@ -43,7 +43,6 @@ from pathlib import Path
 
 CARDS_GIB = (8, 12, 16, 24, 40, 48, 80)
 CUDA_RESERVE = int(0.75 * 2**30)
-BACKENDS = ("dense", "fixed_fanin")
 _LN = 4  # bytes per element of the fp32 tensors layer norms keep under autocast
 
 
@@ -213,16 +212,10 @@ class Plan:
 
 
 def backends() -> dict[str, type]:
-    """Classifier classes by ``classifier.type``, RPS included once it is installed."""
-    from xmc.classifiers import DenseClassifier, FixedFanInClassifier
+    """Classifier classes by ``classifier.type``."""
+    from xmc.classifiers import DenseClassifier, FixedFanInClassifier, RPSClassifier
 
-    found = {"dense": DenseClassifier, "fixed_fanin": FixedFanInClassifier}
-    try:
-        from xmc.classifiers.rps import RPSClassifier
-    except ImportError:
-        return found
-    found["rps"] = RPSClassifier
-    return found
+    return {"dense": DenseClassifier, "fixed_fanin": FixedFanInClassifier, "rps": RPSClassifier}
 
 
 def _activation_bytes(plan: Plan) -> int:
@@ -282,8 +275,8 @@ def estimate(plan: Plan, names: tuple[str, ...] | None = None) -> dict[str, dict
         options = {}
         if name == "fixed_fanin":
             options["fan_in"] = plan.fan_in
-        elif name == "rps":
-            options["compression"] = plan.rps_compression
+        elif name == "rps":  # every rank holds the whole array: its size follows the total L
+            options["size"] = math.ceil(plan.labels * plan.width / plan.rps_compression)
         parts = available[name].state_bytes(
             plan.width,
             plan.labels_per_rank,
@@ -405,7 +398,7 @@ def plan_from_config(config, labels: int | None = None, features: int | None = N
     ``features``) default to what the config's files say, read from headers only."""
     enc = config.encoder
     if labels is None or (enc.type == "bow" and features is None):
-        found_labels, found_features = _counts_from_data(config)
+        found_labels, found_features = counts_from_data(config)
         labels = labels if labels is not None else found_labels
         features = features if features is not None else found_features
     if labels is None:
@@ -419,6 +412,9 @@ def plan_from_config(config, labels: int | None = None, features: int | None = N
     else:
         spec = EncoderSpec("features", kind="features", hidden=enc.dim, layers=0)
     precision = {"no": "fp32", "auto": "bf16"}.get(config.train.precision, config.train.precision)
+    width = config.classifier.intermediate or spec.hidden
+    rps = config.classifier.rps
+    compression = labels * width * 4 / rps.bytes if rps.bytes else rps.compression
     return Plan(
         labels=labels,
         encoder=spec,
@@ -432,10 +428,11 @@ def plan_from_config(config, labels: int | None = None, features: int | None = N
         grad_accum=config.train.grad_accum,
         gradient_checkpointing=enc.gradient_checkpointing,
         freeze_encoder=enc.freeze,
+        rps_compression=compression,
     )
 
 
-def _counts_from_data(config) -> tuple[int | None, int | None]:
+def counts_from_data(config) -> tuple[int | None, int | None]:
     """(L, F) from a bag-of-words header (``N F L``) or a label file's line count; None where unknown."""
     train = (config.data.train or "").split(",")[0]
     if config.data.labels and os.path.isfile(config.data.labels):

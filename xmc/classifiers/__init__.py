@@ -3,5 +3,6 @@
 from xmc.classifiers.base import Classifier, shard_range
 from xmc.classifiers.dense import DenseClassifier
 from xmc.classifiers.fixed_fanin import FixedFanInClassifier
+from xmc.classifiers.rps import RPSClassifier
 
-__all__ = ["Classifier", "DenseClassifier", "FixedFanInClassifier", "shard_range"]
+__all__ = ["Classifier", "DenseClassifier", "FixedFanInClassifier", "RPSClassifier", "shard_range"]

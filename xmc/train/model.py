@@ -20,7 +20,27 @@ def build_classifier(config: ClassifierConfig, in_features: int, num_labels: int
                 "lower it or widen the encoder / intermediate layer"
             )
         return FixedFanInClassifier(in_features, num_labels, config.fan_in, bias=config.bias, seed=seed)
-    raise ValueError(f"classifier.type={config.type!r} is not available in this version (dense, fixed_fanin)")
+    if config.type == "rps":
+        from xmc.classifiers.rps import RPSClassifier
+
+        rps = config.rps
+        if rps.bytes and rps.bytes < 4:
+            raise ValueError(f"classifier.rps.bytes={rps.bytes} holds no slot: give at least 4")
+        if not rps.bytes and rps.compression <= 0:
+            raise ValueError(f"classifier.rps.compression must be positive, got {rps.compression}")
+        return RPSClassifier(
+            in_features,
+            num_labels,
+            method=rps.method,
+            size=rps.bytes // 4 if rps.bytes else None,
+            compression=None if rps.bytes else rps.compression,
+            init_scale=rps.init_scale or None,
+            sign=rps.sign,
+            stable_grad=rps.stable_grad,
+            bias=config.bias,
+            seed=seed,
+        )
+    raise ValueError(f"classifier.type={config.type!r} is unknown: choose dense, fixed_fanin or rps")
 
 
 class XMCModel(nn.Module):
