@@ -33,8 +33,11 @@ Gradients, for a logit gradient g (B, n) of rows ``row_start .. row_start + n - 
 of the squared scale factors of the weights sharing a slot; every weight of a layer has the same ``scale``),
 i.e. passes ``grad_scale = 1 / scale``: the true gradient is grad_array[j] = scale * sum_{i -> j} sign_i g_i,
 so an SGD step moves each weight by scale * lr * grad_array = lr * scale**2 * sum sign g. The step in weight
-space therefore scales with init_scale**2, and a learning rate tuned for one initialization is wrong for
-another. Divided by scale**2 the step is lr * sum sign g, independent of the initialization scale. HashedNet
+space therefore scales with scale**2 = (init_scale / array_std)**2: the same weights initialized through an
+array of another scale train with another effective learning rate, and a learning rate tuned for one array
+initialization is wrong for another. Divided by scale**2 the step is lr * sum sign g, independent of the
+scale factor. The mean of the squares (rather than, say, of the factors) is what cancels exactly: each
+weight's contribution to a slot's gradient carries its factor once, and its step carries it again. HashedNet
 and ROAST use the undivided ("unscaled") gradient.
 
 Memory traffic of the Triton kernels per step (s_x, s_a: bytes per element of x and array): the forward and

@@ -521,3 +521,39 @@ def test_gpu_matches_reference(method, dtype):
     wants = rps.rps_backward_reference(grad_out.float(), x.float(), array, mp, grad_scale=0.05, **kw)
     for got, ref, what in zip(grads, wants, ("gx", "ga", "gb"), strict=True):
         assert_close(got, ref, tol, what)
+
+
+def test_stable_trains_the_same_weights_for_any_array_scale():
+    """Same weights reached through arrays of std 0.01 and 1: STABLE-RPS takes the same SGD step in weight
+    space; the unscaled variant's steps differ by the squared ratio of the scale factors (1e4)."""
+    h = torch.randn(6, 16, generator=torch.Generator().manual_seed(1))
+    positives = _toy_positives(6, 30)
+    steps = {}
+    for stable in (True, False):
+        for array_std in (0.01, 1.0):
+            clf = RPSClassifier(
+                16,
+                30,
+                compression=3,
+                init_scale=0.25,
+                array_std=array_std,
+                stable_grad=stable,
+                tile=(8, 8),
+                seed=2,
+            )
+            assert abs(float(clf.array.detach().std()) / array_std - 1) < 0.1
+            before = clf.materialize().detach().clone()
+            assert abs(float(before.std()) / 0.25 - 1) < 0.1
+            optimizer = torch.optim.SGD([clf.array], lr=0.5, momentum=0.9)
+            clf.loss(h, positives, "bce").backward()
+            optimizer.step()
+            steps[stable, array_std] = clf.materialize().detach() - before
+    torch.testing.assert_close(steps[True, 0.01], steps[True, 1.0], rtol=1e-4, atol=1e-7)
+    ratio = steps[False, 0.01].norm() / steps[False, 1.0].norm()
+    assert ratio == pytest.approx(1e4, rel=1e-3)
+
+
+def _toy_positives(rows: int, labels: int):
+    from xmc.losses import Positives
+
+    return Positives.from_lists([[r % labels, (3 * r + 1) % labels] for r in range(rows)], labels)

@@ -76,6 +76,7 @@ class RPSOptions:
     compression: float = 8.0  # L x D weights over m shared slots; used when bytes is 0
     bytes: int = 0  # size of the shared array in bytes (m = bytes / 4), independent of L and D
     init_scale: float = 0.0  # initial std of the weights; 0 = 1 / sqrt(D), as a dense layer
+    array_std: float = 1.0  # initial std of the shared array; weights = (init_scale / array_std) * slot
     sign: bool = True  # a random sign per weight decorrelates weights that share a slot
     stable_grad: bool | None = None  # divide slot gradients by the scale^2 (None: on for stable only)
 

@@ -5,9 +5,14 @@ the mappings, the kernels and why STABLE-RPS divides the array gradient by ``sca
 
     W[l, d] = scale * sign(l, d) * array[slot(l, d)]
 
-``scale`` is the requested initial standard deviation of W (``init_scale``, default 1 / sqrt(D)) and the
-array starts N(0, 1), so the materialized W starts with standard deviation ``init_scale`` whatever the
-compression. Training memory depends on m, not on L * D, apart from the bias and the chunked loss.
+The array starts N(0, ``array_std``^2) and ``scale = init_scale / array_std`` (the module scale factor of
+ROAST), so the materialized W starts with standard deviation ``init_scale`` (default 1 / sqrt(D)) whatever
+the compression and whatever the array's own initialization scale. That scale is where the variants part:
+without gradient scaling the SGD step in weight space is ``lr * scale**2 * (...)``, so a different
+``array_std`` silently changes the effective learning rate by its inverse square; STABLE-RPS divides the
+slot gradient by ``scale**2`` and trains the same weights the same way for any ``array_std``.
+
+Training memory depends on m, not on L * D, apart from the bias and the chunked loss.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ class RPSClassifier(Classifier):
         size: int | None = None,
         compression: float | None = None,
         init_scale: float | None = None,
+        array_std: float = 1.0,
         sign: bool = True,
         tile: tuple[int, int] = (32, 64),
         stable_grad: bool | None = None,
@@ -106,9 +112,13 @@ class RPSClassifier(Classifier):
         self.init_scale = 1.0 / math.sqrt(in_features) if init_scale is None else float(init_scale)
         if not self.init_scale > 0:
             raise ValueError(f"init_scale must be positive, got {init_scale}")
+        if not array_std > 0:
+            raise ValueError(f"array_std must be positive, got {array_std}")
+        self.array_std = float(array_std)
+        self.scale = self.init_scale / self.array_std  # the factor between a slot's value and a weight
         self.stable_grad = method == "stable" if stable_grad is None else bool(stable_grad)
         generator = torch.Generator().manual_seed(seed)
-        initial = torch.randn(size, generator=generator, dtype=torch.float32)
+        initial = torch.randn(size, generator=generator, dtype=torch.float32) * self.array_std
         self.array = nn.Parameter(initial.to(device=device, dtype=dtype or torch.get_default_dtype()))
         self.bias = (
             nn.Parameter(torch.zeros(num_labels, device=device, dtype=self.array.dtype)) if bias else None
@@ -131,7 +141,7 @@ class RPSClassifier(Classifier):
     def grad_scale(self) -> float:
         """Factor of each weight's gradient in its slot's: ``scale`` (true gradient) or ``1 / scale``
         (divided by ``scale**2``, STABLE-RPS)."""
-        return 1.0 / self.init_scale if self.stable_grad else self.init_scale
+        return 1.0 / self.scale if self.stable_grad else self.scale
 
     def _table_cache(self, device: torch.device) -> RPSTableCache | None:
         """The reference path's slot-table cache for this classifier's rows (CPU only), rebuilt when the
@@ -155,7 +165,7 @@ class RPSClassifier(Classifier):
             self.mapping,
             row_start=self.label_offset + start,
             num_rows=stop - start,
-            scale=self.init_scale,
+            scale=self.scale,
             grad_scale=self.grad_scale,
             cache=self._table_cache(h.device),
         )
@@ -168,7 +178,7 @@ class RPSClassifier(Classifier):
             self.array,
             self.mapping,
             row_start=self.label_offset + start,
-            scale=self.init_scale,
+            scale=self.scale,
             grad_scale=self.grad_scale,
             need_bias=has_bias,
             cache=self._table_cache(h.device),
@@ -192,16 +202,17 @@ class RPSClassifier(Classifier):
             self.mapping,
             row_start=self.label_offset + start,
             num_rows=stop - start,
-            scale=self.init_scale,
+            scale=self.scale,
             cache=self._table_cache(self.array.device),
         )
 
     @torch.no_grad()
     def load_dense(self, weight: torch.Tensor) -> None:
         """Set the array so that :meth:`materialize` returns ``weight`` (num_labels, D): possible only for
-        ``stable`` at compression 1 (m = L * D), where the mapping is a bijection. Exact when ``init_scale``
-        is a power of two (1, or the default 1 / sqrt(D) for D a power of four); otherwise to within the
-        rounding of one division and one product. A shard sets the slots of its own rows only."""
+        ``stable`` at compression 1 (m = L * D), where the mapping is a bijection. Exact when ``scale``
+        (``init_scale / array_std``) is a power of two (e.g. 1, or 1 / sqrt(D) for D a power of four);
+        otherwise to within the rounding of one division and one product. A shard sets the slots of its
+        own rows only."""
         full = self.total_labels * self.in_features
         if self.method != "stable" or self.size != full:
             raise ValueError(
@@ -215,7 +226,7 @@ class RPSClassifier(Classifier):
         rows = torch.arange(self.label_offset, self.label_offset + self.num_labels, device=self.array.device)
         cols = torch.arange(self.in_features, device=self.array.device)
         slots, signs = rps_slots(self.mapping, rows[:, None], cols[None, :])
-        values = weight.to(device=self.array.device, dtype=self.array.dtype) * signs / self.init_scale
+        values = weight.to(device=self.array.device, dtype=self.array.dtype) * signs / self.scale
         self.array[slots.reshape(-1)] = values.reshape(-1).to(self.array.dtype)
 
     @torch.no_grad()
@@ -281,6 +292,7 @@ class RPSClassifier(Classifier):
             method=mapping.method,
             size=mapping.size,
             init_scale=self.init_scale,
+            array_std=self.array_std,
             sign=mapping.sign,
             tile=mapping.tile,
             stable_grad=self.stable_grad,
