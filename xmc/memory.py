@@ -24,7 +24,8 @@ What is counted, per rank (the training loop keeps fp32 parameters and autocasts
   approximation (kernels differ by version); ``--measure`` shows the real figure;
 - the intermediate layer and the meta head: parameters, gradients and optimizer state as above;
 - the classifier: ``state_bytes`` of the backend (weights, ids, gradients, optimizer state, the
-  chunked loss's buffers). Under label sharding each rank holds ``ceil(L / world)`` labels and scores
+  chunked loss's buffers); on CPU also the buffers of the PyTorch twins that stand in for the kernels.
+  Under label sharding each rank holds ``ceil(L / world)`` labels and scores
   the all-gathered batch of ``world x batch`` documents.
 
 Optimizers run fused (one pass per tensor, no temporaries; see ``xmc.train.loop.build_optimizers``).
@@ -286,8 +287,34 @@ def estimate(plan: Plan, names: tuple[str, ...] | None = None) -> dict[str, dict
         )
         if plan.grad_accum > 1:  # a micro-batch's fresh gradient meets the accumulated one
             parts["accumulation"] = parts["gradients"]
+        if plan.device == "cpu":
+            parts["cpu_reference"] = _cpu_reference_bytes(name, plan, options)
         out[name] = {**common, **{f"classifier {k}": int(v) for k, v in parts.items()}}
     return out
+
+
+def _cpu_reference_bytes(name: str, plan: Plan, options: dict) -> int:
+    """Buffers of the PyTorch twins that serve CPU training in place of the Triton kernels (none on GPUs).
+
+    Fixed fan-in: a label block's CSR matrix (int64 column ids and fp32 values for up to
+    ``REFERENCE_CHUNK_ELEMENTS`` slots) and the weight gradient's dense (block, D) product and its
+    gathered copy. RPS: the slot-table cache (int32 per weight, kept up to 2**28 weights), the array's
+    signed copy (2 m values) and a block's gathered weight and its scaled copy."""
+    labels, width = plan.labels_per_rank, plan.width
+    if name == "fixed_fanin":
+        from xmc.kernels.fixed_fanin import REFERENCE_CHUNK_ELEMENTS
+
+        k = options["fan_in"]
+        block = max(1, REFERENCE_CHUNK_ELEMENTS // max(k, width))
+        return min(labels * k, REFERENCE_CHUNK_ELEMENTS) * 12 + 2 * min(labels, block) * width * 4
+    if name == "rps":
+        from xmc.classifiers.rps import CACHE_MAX_ELEMENTS
+        from xmc.kernels.rps import REFERENCE_CHUNK_ELEMENTS
+
+        weights = labels * width
+        table = 4 * weights if weights <= CACHE_MAX_ELEMENTS else 0
+        return table + 8 * options["size"] + 2 * 4 * min(weights, REFERENCE_CHUNK_ELEMENTS)
+    return 0
 
 
 def fits(total: int) -> dict[int, int]:
@@ -506,6 +533,7 @@ def plot(reports: list[dict], path: str | os.PathLike) -> None:
     ax.set_xticklabels(
         [f"{r['plan']['name'] or 'plan'}\nL={r['plan']['labels']:,}" for r in reports], fontsize=8
     )
+    ax.set_ylim(0, top * 1.35)  # room for the legends above the tallest bar
     ax.set_ylabel("GiB per GPU (estimate)")
     legend = ax.legend(loc="upper left", fontsize=8)
     ax.add_artist(legend)
