@@ -446,7 +446,7 @@ def test_state_bytes(monkeypatch):
         "master_weights": 0,
         "gradients": 4 * params,
         "optimizer": 8 * params,  # AdamW: two fp32 moments
-        "workspace": 4 * N * D + 4 * M,  # one label chunk (all 70 labels) of fp32 weights, fp32 array grad
+        "workspace": 4 * N * D,  # one label chunk (all 70 labels) of fp32 weights; its array grad is the grad
         "logits": base.logits_bytes(N, 5),
         "chunk_gradient": 0,  # one chunk: its bias gradient is the whole gradient
     }
@@ -455,7 +455,7 @@ def test_state_bytes(monkeypatch):
                                      bias=False, compression=8)  # fmt: skip
     assert half["weights"] == half["gradients"] == 2 * m
     assert half["master_weights"] == half["optimizer"] == 4 * m  # fp32 copy; one fp32 momentum
-    assert half["workspace"] == 4 * N * D + 4 * m + 2 * m  # fp32 buffer and its bf16 cast
+    assert half["workspace"] == 4 * N * D + 4 * m  # the fp32 buffer before its cast (the gradient)
     monkeypatch.setattr(base, "CHUNK_ELEMENTS", 5 * 16)  # 16 labels a chunk
     chunked = RPSClassifier.state_bytes(D, N, batch_size=5, param_bytes=2, size=M)
     assert chunked["workspace"] == 4 * 16 * D + 4 * M + 2 * M

@@ -198,11 +198,11 @@ class _ChunkedLoss(torch.autograd.Function):
         needs = ctx.needs_input_grad[4:]
         chunks = list(_chunks(classifier, h.shape[0]))
         single = len(chunks) == 1
-        # One chunk: its gradients are the whole gradients, used as they come (no second copy).
+        # One chunk: its gradients are the whole gradients, used as they come (no second buffer).
         # Several: label-indexed rows are written once each, shared parameters are summed.
         grads = [
             None
-            if not need or (single and i < num_label_params)
+            if not need or single
             else (torch.empty_like(p) if i < num_label_params else torch.zeros_like(p))
             for i, (p, need) in enumerate(zip(params, needs, strict=True))
         ]
@@ -219,11 +219,10 @@ class _ChunkedLoss(torch.autograd.Function):
                 for i, part in enumerate(part_params):
                     if not needs[i] or part is None:
                         continue
-                    if i < num_label_params:
-                        if single:
-                            grads[i] = part.to(params[i].dtype)
-                        else:
-                            grads[i][start:stop] = part
+                    if single:
+                        grads[i] = part.to(params[i].dtype)
+                    elif i < num_label_params:
+                        grads[i][start:stop] = part
                     else:
                         grads[i] += part
         if grad_h is not None:

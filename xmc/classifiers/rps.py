@@ -260,15 +260,20 @@ class RPSClassifier(Classifier):
         """Bytes by component; m from exactly one of ``size`` / ``compression`` (of this layer's labels: a
         label shard replicates the whole layer's array, so plan a shard with the whole layer's ``size``).
         ``workspace``: one label chunk's materialized fp32 weight (the reference path's; the Triton kernels
-        keep tiles in registers, so this bounds them) and the fp32 buffer a chunk's array gradient is summed
-        in (plus its cast for 2-byte parameters; the CPU reference's signed buffer is twice that).
+        keep tiles in registers, so this bounds them) and a chunk's fp32 array gradient where it is not the
+        gradient itself (several chunks, or 2-byte parameters; the CPU reference's signed buffer is twice
+        that).
         ``chunk_gradient``: a chunk's bias rows before they are written (several chunks only)."""
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
         slots = shared_size(num_labels * in_features, size, compression)
         num_params = slots + (num_labels if bias else 0)
         chunk = min(label_chunk(num_labels, batch_size), max(1, REFERENCE_CHUNK_ELEMENTS // in_features))
-        array_grad = 4 * slots + (slots * param_bytes if param_bytes != 4 else 0)
+        # A chunk's fp32 array gradient is a buffer besides the gradient when several chunks are summed
+        # into it, or when it is cast to 2-byte parameters; summed chunks of 2-byte parameters add the cast.
+        several = label_chunk(num_labels, batch_size) < num_labels
+        half = param_bytes != 4
+        array_grad = (4 * slots if several or half else 0) + (slots * param_bytes if several and half else 0)
         return {
             "weights": num_params * param_bytes,
             "master_weights": 4 * num_params if master_weights else 0,
