@@ -100,3 +100,22 @@ def test_state_bytes_favour_the_sparse_layer():
     assert sparse["indices"] == 2 * 10_000 * 32  # int16 ids
     assert dense["optimizer"] == 2 * dense["weights"]
     assert sum(sparse.values()) < sum(dense.values()) / 5
+
+
+@pytest.mark.parametrize("kind", ["bce", "squared_hinge"])
+def test_sparse_chunk_loss_equals_the_dense_target_form(kind):
+    from xmc.losses import Positives, chunk_loss_and_grad, loss_sum_and_grad
+
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    positives = Positives.from_lists([[0, 5, 5, 29], [], [12], [3, 17, 40]], 50)  # a repeat; 40 lies outside
+    for start, stop in ((0, 30), (10, 40)):
+        block = logits[:, : stop - start]
+        want_total, want_grad = loss_sum_and_grad(
+            block, positives.dense(start, stop, torch.float64), kind, True
+        )
+        total, grad = chunk_loss_and_grad(block, *positives.block(start, stop), kind, True)
+        torch.testing.assert_close(total, want_total)
+        torch.testing.assert_close(grad, want_grad)
+        alone, none = chunk_loss_and_grad(block, *positives.block(start, stop), kind, False)
+        torch.testing.assert_close(alone, want_total)
+        assert none is None

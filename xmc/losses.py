@@ -1,7 +1,8 @@
 """XMC losses over sparse positives, and the positives themselves.
 
-Targets are never built as a dense B x L matrix on the host: a batch's positives travel as CSR
-(``Positives``) and each label chunk's dense target block is made on the device when needed.
+Targets are never built as a dense B x L matrix: a batch's positives travel as CSR (``Positives``), and a
+label chunk's loss is computed as if every pair were negative, then corrected at the chunk's few positive
+coordinates (:func:`chunk_loss_and_grad`), so no target block is materialized or multiplied.
 
 Both losses are means over all B x L (document, label) pairs, as ``torch.nn.BCEWithLogitsLoss`` and
 the anchors' squared hinge average them:
@@ -62,6 +63,14 @@ class Positives:
         counts = self.indptr[1:] - self.indptr[:-1]
         return torch.repeat_interleave(torch.arange(self.batch_size, device=self.indptr.device), counts)
 
+    def block(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, columns) of the distinct positives among labels ``start..stop-1``, columns counted
+        from ``start`` (a label listed twice for a document counts once, as in :meth:`dense`)."""
+        inside = (self.indices >= start) & (self.indices < stop)
+        width = stop - start
+        flat = torch.unique(self.rows()[inside] * width + (self.indices[inside] - start))
+        return flat // width, flat % width
+
     def dense(
         self, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
@@ -71,6 +80,39 @@ class Positives:
         inside = (self.indices >= start) & (self.indices < stop)
         block[self.rows()[inside], self.indices[inside] - start] = 1
         return block
+
+
+def chunk_loss_and_grad(
+    logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, kind: str, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`loss_sum_and_grad` of a logit block whose positives sit at ``(rows, cols)`` (distinct).
+
+    Every pair is first scored as a negative (BCE ``softplus(z)``, gradient ``sigmoid(z)``; squared
+    hinge ``max(0, 1 + z)^2``, gradient ``2 max(0, 1 + z)``), then the positives' terms are swapped for
+    their positive form: one elementwise pass over the block instead of building, converting and
+    multiplying a dense 0/1 target block."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    zp = z[rows, cols]
+    if kind == "bce":
+        total = F.softplus(z).sum() - zp.sum()
+        if not want_grad:
+            return total, None
+        grad = torch.sigmoid(z)
+        grad[rows, cols] -= 1
+        return total, grad
+    if kind == "squared_hinge":
+        negative = torch.clamp(1 + z, min=0)
+        total = (
+            negative.square().sum()
+            - torch.clamp(1 + zp, min=0).square().sum()
+            + torch.clamp(1 - zp, min=0).square().sum()
+        )
+        if not want_grad:
+            return total, None
+        grad = negative.mul_(2)
+        grad[rows, cols] = -2 * torch.clamp(1 - zp, min=0)
+        return total, grad
+    raise ValueError(f"unknown loss {kind!r}: choose one of {', '.join(LOSSES)}")
 
 
 def loss_sum_and_grad(

@@ -24,7 +24,7 @@ import abc
 import torch
 from torch import nn
 
-from xmc.losses import Positives, loss_sum_and_grad
+from xmc.losses import Positives, chunk_loss_and_grad
 from xmc.topk import topk_merge_torch
 
 # Scores held per label chunk: B x chunk <= this many elements (16 MiB in fp32).
@@ -143,8 +143,8 @@ def label_chunk(num_labels: int, batch_size: int) -> int:
 
 
 def logits_bytes(num_labels: int, batch_size: int) -> int:
-    """The chunked loss's working set: one label chunk's fp32 scores, 0/1 targets, loss gradient and
-    one temporary of the same shape, alive together in backward."""
+    """The chunked loss's working set, bounded by four label-chunk blocks in fp32: the scores, their fp32
+    copy (under autocast), the loss gradient and its scaled copy, alive together in backward."""
     return 4 * batch_size * label_chunk(num_labels, batch_size) * 4
 
 
@@ -183,7 +183,7 @@ class _ChunkedLoss(torch.autograd.Function):
         with torch.no_grad():
             for start, stop in _chunks(classifier, h.shape[0]):
                 logits = classifier.chunk_logits(h, start, stop)
-                part, _ = loss_sum_and_grad(logits, positives.dense(start, stop), kind, want_grad=False)
+                part, _ = chunk_loss_and_grad(logits, *positives.block(start, stop), kind, want_grad=False)
                 total += part
         return total / (h.shape[0] * classifier.num_labels)
 
@@ -209,7 +209,9 @@ class _ChunkedLoss(torch.autograd.Function):
         with torch.no_grad():
             for start, stop in chunks:
                 logits = classifier.chunk_logits(h, start, stop)
-                _, g = loss_sum_and_grad(logits, ctx.positives.dense(start, stop), ctx.kind, want_grad=True)
+                _, g = chunk_loss_and_grad(
+                    logits, *ctx.positives.block(start, stop), ctx.kind, want_grad=True
+                )
                 g = (g * scale).to(logits.dtype)
                 del logits
                 part_h, part_params = classifier.chunk_backward(h, g, start, stop)
