@@ -305,3 +305,29 @@ def test_measure_on_cpu_matches_the_estimate_within_a_quarter():
     assert result["estimate_bytes"] >= 2**30
     assert 0.75 <= result["ratio"] <= 1.25, result
     assert torch.isfinite(torch.tensor(result["loss"]))
+
+
+def test_cli_config_with_overrides(tmp_path, capsys):
+    train = tmp_path / "train.txt"
+    train.write_text("2 50 7\n0,3 1:1 4:2\n6 0:1\n")
+    from xmc.config import default_config_path
+
+    bibtex = default_config_path().parent / "bibtex.yaml"
+    assert (
+        main(
+            [
+                "memory",
+                "--config",
+                str(bibtex),
+                f"data.train={train}",
+                "encoder.dim=32",
+                "classifier.fan_in=4",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    data = json.loads(capsys.readouterr().out)
+    assert data["plan"]["labels"] == 7 and data["plan"]["encoder"]["features"] == 50
+    assert main(["memory", "--labels", "5", "data.test=x"]) == 2
+    assert "--config" in capsys.readouterr().err

@@ -429,12 +429,18 @@ def plan_from_config(config, labels: int | None = None, features: int | None = N
         labels = labels if labels is not None else found_labels
         features = features if features is not None else found_features
     if labels is None:
-        raise ValueError("cannot tell the number of labels from the config's data files: pass --labels")
+        raise ValueError(
+            "cannot tell the number of labels from the config's data files: point data.train at the training "
+            "file (an override after the config) or pass --labels"
+        )
     if enc.type == "transformer":
         spec = encoder_spec(enc.name_or_path)
     elif enc.type == "bow":
         if not features:
-            raise ValueError("cannot tell the bag-of-words feature count from the data: pass --encoder bow:F")
+            raise ValueError(
+                "cannot tell the bag-of-words feature count from the data: point data.train at the training "
+                "file or pass --encoder bow:F"
+            )
         spec = EncoderSpec(f"bow:{features}", kind="bow", hidden=enc.dim, features=features, layers=0)
     else:
         spec = EncoderSpec("features", kind="features", hidden=enc.dim, layers=0)

@@ -13,7 +13,7 @@ examples:
   xmc memory --labels 2812281 --hidden 768 --fan-in 64 --batch 128
   xmc memory --preset amazon-3m --world-size 4
   xmc memory --preset all --plot memory.png
-  xmc memory --config configs/bibtex.yaml --encoder bow:1836
+  xmc memory --config configs/bibtex.yaml data.train=bibtex/train.txt
   xmc memory --encoder bert-tiny --labels 200000 --intermediate 512 --batch 8 --seq-len 32 --measure
 
 Rows are per GPU (per rank under --world-size: the classifier's labels are split across ranks, the
@@ -37,6 +37,12 @@ def register(sub) -> None:
         "lf-amazontitles-1.3m, or all (its real L and the anchors' settings)",
     )
     source.add_argument("--config", help="a training config (YAML); L and F come from its data files")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, with --config (e.g. data.train=bibtex/train.txt classifier.fan_in=16)",
+    )
     parser.add_argument("--labels", type=int, help="number of labels L")
     parser.add_argument(
         "--encoder",
@@ -94,7 +100,7 @@ def _plans(args) -> list:
     elif args.config:
         from xmc.config import load_config
 
-        config = load_config(args.config)
+        config = load_config(args.config, args.overrides)
         features = None
         if args.encoder and args.encoder.lower().startswith("bow:"):
             features = encoder_spec(args.encoder).features
@@ -103,6 +109,8 @@ def _plans(args) -> list:
         if args.labels is None:
             raise UsageError("give --labels L (or --preset NAME, or --config FILE)")
         plans = [Plan(labels=args.labels, encoder=ENCODERS["bert-base"])]
+    if args.overrides and not args.config:
+        raise UsageError(f"overrides such as {args.overrides[0]!r} apply to a config: add --config FILE")
     out = []
     for plan in plans:
         changes = {
@@ -136,7 +144,11 @@ def _plans(args) -> list:
                 )
             spec = replace(spec, hidden=args.hidden)
         changes["encoder"] = spec
-        if "fan_in" not in changes and plan.fan_in > (changes.get("intermediate") or spec.hidden):
+        if (
+            not args.config
+            and "fan_in" not in changes
+            and plan.fan_in > (changes.get("intermediate") or spec.hidden)
+        ):
             changes["fan_in"] = max(1, (changes.get("intermediate") or spec.hidden) // 8)
         out.append(replace(plan, **changes))
     return out
