@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
+from conftest import assert_close
 
 # Triton reads TRITON_INTERPRET when its jit functions are defined, its own library functions included, so it
 # has to be set before the first `import triton` anywhere in the process.
@@ -81,18 +82,6 @@ def dense_oracle(layer: Layer) -> tuple[torch.Tensor, ...]:
     grad_x = g @ dense
     grad_w = (g.T @ x).gather(1, cols)
     return out, grad_x, grad_w, g.sum(dim=0)
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.double(), want.double()
-    return float((got - want).norm() / want.norm().clamp_min(1e-30))
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert torch.isfinite(got).all(), f"{what}: non-finite elements (an output element was never written?)"
-    err = rel_err(got, want)
-    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.0e}"
 
 
 @pytest.fixture

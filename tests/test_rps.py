@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close
 
 TRITON_IMPORTED_COMPILED = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
 if not torch.cuda.is_available():
@@ -33,18 +34,6 @@ FP32_TOL = 1e-5
 # so tile rows and columns both end short.
 B, N, D, OFFSET, TOTAL, M, TILE = 5, 70, 40, 11, 90, 997, (8, 16)
 SCALE = 0.3
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.double(), want.double()
-    return float((got - want).norm() / want.norm().clamp_min(1e-30))
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert torch.isfinite(got).all(), f"{what}: non-finite elements (an output element was never written?)"
-    err = rel_err(got, want)
-    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.0e}"
 
 
 def mapping(method: str, sign: bool = True, size: int = M, total: int = TOTAL) -> rps.RPSMapping:
