@@ -115,6 +115,7 @@ SHAPES = [
     (2, 9, 1, 9, torch.int16, True),
     (37, 20, 19, 3, torch.int32, True),
     (3, 38, 21, 17, torch.int16, True),
+    (6, 300, 50, 4, torch.int16, True),  # D >= 16 K: the reference's sampled weight gradient
 ]
 SHAPE_IDS = [f"B{b}-D{d}-L{n}-K{k}-{str(t)[6:]}{'-bias' if bias else ''}" for b, d, n, k, t, bias in SHAPES]
 
