@@ -380,3 +380,18 @@ def test_embed_with_the_bundled_minilm(tmp_path):
     vectors = np.load(out)
     assert vectors.shape == (3, 384) and vectors.dtype == np.float16
     assert np.isfinite(vectors).all() and not np.allclose(vectors[0], vectors[1])
+
+
+def test_bow_encoder_without_projection_returns_the_tfidf_rows():
+    import scipy.sparse as sp
+
+    from xmc.encoders import BowEncoder, fit_idf
+
+    X = sp.csr_matrix(np.array([[1, 0, 2, 0], [0, 0, 0, 0], [0, 3, 0, 1]], np.float32))
+    encoder = BowEncoder(4, 0)
+    encoder.set_weighting(fit_idf(X))
+    inputs = encoder.inputs_for(X)
+    encoder.eval()
+    out = encoder(inputs.batch(np.arange(3)))
+    assert encoder.out_features == 4 and not list(encoder.parameters())
+    np.testing.assert_allclose(out.numpy(), inputs.X.toarray(), rtol=1e-6)

@@ -288,3 +288,18 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, synth_data):
     a = load_file(str(tmp_path / "run" / "best.safetensors"))
     b = load_file(str(tmp_path / "whole" / "best.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fixed_fanin_over_the_raw_tfidf_vector(tmp_path, synth_data):
+    """encoder.dim=0: the TF-IDF vector itself feeds fixed fan-in (no encoder parameters); it learns."""
+    config = _config(
+        tmp_path, synth_data, overrides=["encoder.dim=0", "classifier.fan_in=16", "train.epochs=3"]
+    )
+    metrics = run_training(config, str(tmp_path / "run"), progress=False)
+    losses = _losses(metrics)
+    assert losses[-1] < losses[0], losses
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["params"]["encoder"] == 0
+    import xmc
+
+    predictor = xmc.load(tmp_path / "run", device="cpu")
+    assert predictor.model.encoder.out_features == 300  # the synthetic set's features

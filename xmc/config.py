@@ -45,7 +45,7 @@ class EncoderConfig:
     max_length: int = 128  # tokens per document; longer = more context, quadratic attention cost
     dropout: float = 0.1  # on the pooled representation; the anchors use 0.35-0.7 on large sets
     gradient_checkpointing: bool = False  # recompute activations: less memory, ~30% slower steps
-    dim: int = 256  # bow encoder: width of the learned projection of the TF-IDF vector
+    dim: int = 256  # bow encoder: width of the learned projection of the TF-IDF vector (0: the vector itself)
     vocab_size: int = 50_000  # bow over raw text: keep the most frequent words (by document frequency)
     min_df: int = 2  # bow over raw text: ignore words in fewer training documents
     freeze: bool = False  # train only the classifier (the fixed-feature setting)

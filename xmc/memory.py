@@ -441,7 +441,15 @@ def plan_from_config(config, labels: int | None = None, features: int | None = N
                 "cannot tell the bag-of-words feature count from the data: point data.train at the training "
                 "file or pass --encoder bow:F"
             )
-        spec = EncoderSpec(f"bow:{features}", kind="bow", hidden=enc.dim, features=features, layers=0)
+        # dim 0: the TF-IDF vector itself is the classifier's input (F wide, no parameters)
+        spec = EncoderSpec(
+            f"bow:{features}",
+            kind="bow",
+            hidden=enc.dim or features,
+            features=features,
+            layers=0,
+            params=None if enc.dim else 0,
+        )
     else:
         spec = EncoderSpec("features", kind="features", hidden=enc.dim, layers=0)
     precision = {"no": "fp32", "auto": "bf16"}.get(config.train.precision, config.train.precision)

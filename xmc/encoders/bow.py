@@ -200,11 +200,12 @@ class BowInputs:
 
 
 class BowEncoder(Encoder):
-    """``x_tfidf @ W + b`` through ``nn.EmbeddingBag(mode="sum")``, then dropout.
+    """``x_tfidf @ W + b`` through ``nn.EmbeddingBag(mode="sum")``, then dropout; with ``dim=0`` the
+    TF-IDF vector itself (no parameters), then dropout.
 
     Args:
         num_features: F, the width of the TF-IDF vectors.
-        dim: output width (``out_features``).
+        dim: output width (``out_features``); 0 for the F-wide TF-IDF vector.
         dropout: dropout probability on the output, applied in training mode.
 
     ``forward`` takes the keys of :class:`BowInputs` and returns float ``(B, dim)``; an empty bag
@@ -217,15 +218,20 @@ class BowEncoder(Encoder):
 
     def __init__(self, num_features: int, dim: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.out_features = dim
-        self.bag = nn.EmbeddingBag(num_features, dim, mode="sum")
-        self.bias = nn.Parameter(torch.zeros(dim))
+        if dim < 0:
+            raise ValueError(f"encoder.dim must be positive, or 0 for the TF-IDF vector itself; got {dim}")
+        # dim 0: no projection, the TF-IDF vector is the representation (F wide; the fixed-feature setting,
+        # where the classifier alone learns, e.g. fixed fan-in over the raw features).
+        self.out_features = dim or num_features
+        self.bag = nn.EmbeddingBag(num_features, dim, mode="sum") if dim else None
+        self.bias = nn.Parameter(torch.zeros(dim)) if dim else None
         self.dropout = nn.Dropout(dropout)
         # Input rows are L2-normalized, so each output coordinate sum_j x_j W_jk has variance
         # ||x||^2 std^2 = std^2 whatever the document length. std 1 gives unit-variance
         # coordinates, the scale the classifiers' init assumes of their inputs (as for a
         # transformer's hidden states); 1/sqrt(nnz) would only be right for unnormalized counts.
-        nn.init.normal_(self.bag.weight, mean=0.0, std=1.0)
+        if self.bag is not None:
+            nn.init.normal_(self.bag.weight, mean=0.0, std=1.0)
         self.register_buffer("idf", torch.zeros(num_features))
         self.vocabulary: list[str] | None = None
 
@@ -254,9 +260,20 @@ class BowEncoder(Encoder):
         self.vocabulary = state.get("vocabulary")
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.bag is None:
+            return self.dropout(self._tfidf_rows(batch))
         h = self.bag(
             batch["bow_indices"],
             batch["bow_offsets"],
             per_sample_weights=batch["bow_weights"].to(self.bag.weight.dtype),
         )
         return self.dropout(h + self.bias)
+
+    def _tfidf_rows(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's TF-IDF vectors as a dense (B, F) float32 tensor."""
+        indices, offsets, weights = batch["bow_indices"], batch["bow_offsets"], batch["bow_weights"]
+        ends = torch.cat([offsets[1:], offsets.new_tensor([indices.numel()])])
+        rows = torch.repeat_interleave(torch.arange(offsets.numel(), device=offsets.device), ends - offsets)
+        out = torch.zeros(offsets.numel(), self.out_features, device=weights.device, dtype=torch.float32)
+        out[rows, indices] = weights.float()
+        return out

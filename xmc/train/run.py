@@ -197,7 +197,7 @@ def _model_card(config: Config, model: XMCModel, data) -> dict:
         "num_labels": data.num_labels,
         "label_names": data.label_names,
         "encoder_out_features": model.encoder.out_features,
-        "encoder_num_features": getattr(getattr(model.encoder, "bag", None), "num_embeddings", None),
+        "encoder_num_features": int(model.encoder.idf.numel()) if hasattr(model.encoder, "idf") else None,
         "format": data.format,
         "meta_clusters": config.classifier.meta.clusters if model.meta is not None else 0,
     }
