@@ -125,7 +125,10 @@ def _build_bow(
         counts = {name: count_matrix(split.texts(), vocabulary) for name, split in splits.items()}
     idf = fit_idf(counts[TRAIN])
     inputs: dict[str, Inputs] = {name: BowInputs(tfidf(X, idf)) for name, X in counts.items()}
-    log.info("bow encoder: %d features -> %d dims", len(idf), config.dim)
+    if config.dim:
+        log.info("bow encoder: %d features -> %d dims", len(idf), config.dim)
+    else:
+        log.info("bow encoder: the %d-feature TF-IDF vector itself (encoder.dim=0)", len(idf))
     encoder = BowEncoder(len(idf), config.dim, config.dropout)
     encoder.set_weighting(idf, None if kind == "bow" else vocabulary)
     return encoder, inputs
