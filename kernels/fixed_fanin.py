@@ -613,7 +613,9 @@ def _backward_reference(grad_out, x, weight, indices, need_x, need_w, need_b, tr
     xa = x.to(acc)
     grad_x = torch.zeros((D, B), dtype=acc, device=x.device) if need_x else None
     grad_w = torch.empty((L, K), dtype=weight.dtype, device=weight.device) if need_w else None
-    step = _slot_chunk(K, D)
+    sampled = D >= SAMPLED_WIDTH_RATIO * K
+    # Only the dense weight-gradient product holds (chunk, D) values; the sparse products hold slots.
+    step = _slot_chunk(K, 1 if sampled else D)
     whole = transpose if step >= L else None
     for lo in range(0, L, step if (need_x or need_w) else L):
         hi = min(L, lo + step)
@@ -621,7 +623,7 @@ def _backward_reference(grad_out, x, weight, indices, need_x, need_w, need_b, tr
             grad_x += _columns_csr(weight[lo:hi], indices[lo:hi], D, acc, whole) @ g[:, lo:hi].t()
         if need_w:
             ids = indices[lo:hi].long()
-            if D >= SAMPLED_WIDTH_RATIO * K:  # few slots per row: score only the slots (SDDMM)
+            if sampled:  # few slots per row: score only the slots (SDDMM)
                 pattern = _csr(
                     torch.arange(0, (hi - lo) * K + 1, K, device=x.device),
                     ids.reshape(-1),

@@ -44,11 +44,12 @@ class Classifier(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def chunk_backward(
-        self, h: torch.Tensor, grad_logits: torch.Tensor, start: int, stop: int
-    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        self, h: torch.Tensor, grad_logits: torch.Tensor, start: int, stop: int, need_input: bool = True
+    ) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
         """Given d(loss)/d(logits) of labels ``start..stop-1`` (B, c), return the gradient to ``h``
-        (B, D) and, per ``label_parameters()`` entry, the gradient of its rows ``start..stop-1``,
-        followed by, per ``shared_parameters()`` entry, this chunk's share of its whole gradient."""
+        (B, D) (None when ``need_input`` is false, e.g. fixed features into the classifier) and, per
+        ``label_parameters()`` entry, the gradient of its rows ``start..stop-1``, followed by, per
+        ``shared_parameters()`` entry, this chunk's share of its whole gradient."""
 
     @abc.abstractmethod
     def label_parameters(self) -> list[nn.Parameter]:
@@ -214,7 +215,9 @@ class _ChunkedLoss(torch.autograd.Function):
                 )
                 g = (g * scale).to(logits.dtype)
                 del logits
-                part_h, part_params = classifier.chunk_backward(h, g, start, stop)
+                part_h, part_params = classifier.chunk_backward(
+                    h, g, start, stop, need_input=grad_h is not None
+                )
                 del g
                 if grad_h is not None:
                     grad_h += part_h

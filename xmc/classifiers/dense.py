@@ -45,10 +45,10 @@ class DenseClassifier(Classifier):
             h = h.to(self.weight.dtype)  # e.g. bf16 activations recomputed outside autocast in backward
         return F.linear(h, self.weight[start:stop], bias)
 
-    def chunk_backward(self, h, grad_logits, start, stop):
+    def chunk_backward(self, h, grad_logits, start, stop, need_input=True):
         weight = self.weight[start:stop]
         g = grad_logits.to(weight.dtype)
-        grad_h = g @ weight
+        grad_h = g @ weight if need_input else None
         grad_w = g.t() @ h.to(weight.dtype)
         grads = [grad_w] + ([g.sum(0)] if self.bias is not None else [])
         return grad_h, grads

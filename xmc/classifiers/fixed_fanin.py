@@ -53,7 +53,7 @@ class FixedFanInClassifier(Classifier):
         bias = None if layer.bias is None else layer.bias[start:stop]
         return fixed_fanin(h, layer.weight[start:stop], layer.indices[start:stop], bias)
 
-    def chunk_backward(self, h, grad_logits, start, stop):
+    def chunk_backward(self, h, grad_logits, start, stop, need_input=True):
         layer = self.layer
         has_bias = layer.bias is not None
         # The layer caches the column view of its whole pattern; a label chunk would need its own.
@@ -65,7 +65,7 @@ class FixedFanInClassifier(Classifier):
             layer.indices[start:stop],
             col_ptr,
             slots,
-            need_x=True,
+            need_x=need_input,
             need_w=True,
             need_b=has_bias,
         )

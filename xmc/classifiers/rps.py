@@ -170,7 +170,7 @@ class RPSClassifier(Classifier):
             cache=self._table_cache(h.device),
         )
 
-    def chunk_backward(self, h, grad_logits, start, stop):
+    def chunk_backward(self, h, grad_logits, start, stop, need_input=True):
         has_bias = self.bias is not None
         grad_h, grad_array, grad_bias = rps_backward(
             grad_logits,
@@ -180,6 +180,7 @@ class RPSClassifier(Classifier):
             row_start=self.label_offset + start,
             scale=self.scale,
             grad_scale=self.grad_scale,
+            need_x=need_input,
             need_bias=has_bias,
             cache=self._table_cache(h.device),
         )
