@@ -671,6 +671,8 @@ def measure(plan: Plan, backend: str, steps: int = 3, device: str | None = None)
         how = "peak resident set (VmHWM) over the resident set before the model was built"
         if not reset:
             how += " (the peak could not be reset: it may include earlier peaks of this process)"
+    if estimate_total < 256 * 2**20:
+        how += "; at this size allocator reuse and page granularity dominate: measure larger shapes"
     return {
         "backend": backend,
         "device": str(dev),
@@ -696,6 +698,7 @@ def _train_steps(plan: Plan, backend: str, dev, steps: int) -> float:
     config.classifier.type = backend
     config.classifier.fan_in = plan.fan_in
     config.classifier.intermediate = plan.intermediate
+    config.classifier.rps.compression = plan.rps_compression
     config.train.classifier_optimizer = plan.optimizer
     generator = torch.Generator().manual_seed(0)
     batch = _synthetic_batch(plan, config, plan.batch, dev, generator)
