@@ -18,7 +18,6 @@ from xmc.memory import (
     PRESETS,
     EncoderSpec,
     Plan,
-    _rss,
     encoder_spec,
     estimate,
     fits,
@@ -26,6 +25,7 @@ from xmc.memory import (
     preset_plan,
     report,
 )
+from xmc.memory_measure import _rss
 
 # A transformer small enough to count by hand: H=8, 1 layer, 2 heads, I=16, vocab 10, 4 positions, 2 types.
 TINY = EncoderSpec("tiny", hidden=8, layers=1, heads=2, intermediate=16, vocab=10, positions=4, token_types=2)

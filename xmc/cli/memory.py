@@ -155,7 +155,9 @@ def _plans(args) -> list:
 
 
 def run(args) -> int:
-    from xmc.memory import format_report, human, measure, plot, report
+    from xmc.memory import format_report, human, report
+    from xmc.memory_measure import measure
+    from xmc.memory_plot import plot
 
     plans = _plans(args)
     names = tuple(args.backends) if args.backends else None
