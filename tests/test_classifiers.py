@@ -104,15 +104,24 @@ def test_state_bytes_favour_the_sparse_layer():
 
 @pytest.mark.parametrize("kind", ["bce", "squared_hinge"])
 def test_sparse_chunk_loss_equals_the_dense_target_form(kind):
-    from xmc.losses import Positives, chunk_loss_and_grad, loss_sum_and_grad
+    from xmc.losses import Positives, chunk_loss_and_grad, dense_loss
 
     logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
-    positives = Positives.from_lists([[0, 5, 5, 29], [], [12], [3, 17, 40]], 50)  # a repeat; 40 lies outside
+    lists = [[0, 5, 5, 29], [], [12], [3, 17, 40]]  # a repeat; 40 lies outside the first block
+    positives = Positives.from_lists(lists, 50)
     for start, stop in ((0, 30), (10, 40)):
-        block = logits[:, : stop - start]
-        want_total, want_grad = loss_sum_and_grad(
-            block, positives.dense(start, stop, torch.float64), kind, True
+        block = logits[:, : stop - start].clone().requires_grad_(True)
+        # The oracle: the mean loss over a dense 0/1 target block, by autograd, scaled to a sum.
+        local = Positives.from_lists(
+            [
+                [i - start for i in set(row) if start <= i < stop]
+                for row in ([0, 5, 29], [], [12], [3, 17, 40])
+            ],
+            stop - start,
         )
+        want_total = dense_loss(block, local, kind) * block.numel()
+        (want_grad,) = torch.autograd.grad(want_total, block)
+        want_total, block = want_total.detach(), block.detach()
         total, grad = chunk_loss_and_grad(block, *positives.block(start, stop), kind, True)
         torch.testing.assert_close(total, want_total)
         torch.testing.assert_close(grad, want_grad)

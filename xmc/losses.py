@@ -85,7 +85,8 @@ class Positives:
 def chunk_loss_and_grad(
     logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, kind: str, want_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`loss_sum_and_grad` of a logit block whose positives sit at ``(rows, cols)`` (distinct).
+    """The summed loss of a logit block whose positives sit at ``(rows, cols)`` (distinct) and, if
+    asked, its gradient d(sum)/d(logits); computed in fp32 (float64 for float64 logits).
 
     Every pair is first scored as a negative (BCE ``softplus(z)``, gradient ``sigmoid(z)``; squared
     hinge ``max(0, 1 + z)^2``, gradient ``2 max(0, 1 + z)``), then the positives' terms are swapped for
@@ -113,26 +114,6 @@ def chunk_loss_and_grad(
         grad[rows, cols] = -2 * torch.clamp(1 - zp, min=0)
         return total, grad
     raise ValueError(f"unknown loss {kind!r}: choose one of {', '.join(LOSSES)}")
-
-
-def loss_sum_and_grad(
-    logits: torch.Tensor, targets: torch.Tensor, kind: str, want_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The summed loss of a logit block and, if asked, its gradient d(sum)/d(logits); computed in fp32
-    (float64 for float64 logits), whatever the logits' dtype."""
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    targets = targets.to(z.dtype)
-    if kind == "bce":
-        total = (F.softplus(z) - targets * z).sum()
-        grad = torch.sigmoid(z) - targets if want_grad else None
-    elif kind == "squared_hinge":
-        sign = 2 * targets - 1
-        margin = torch.clamp(1 - sign * z, min=0)
-        total = margin.square().sum()
-        grad = -2 * sign * margin if want_grad else None
-    else:
-        raise ValueError(f"unknown loss {kind!r}: choose one of {', '.join(LOSSES)}")
-    return total, grad
 
 
 def dense_loss(logits: torch.Tensor, positives: Positives, kind: str = "bce") -> torch.Tensor:

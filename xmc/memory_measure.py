@@ -38,7 +38,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _synthetic_batch(plan: Plan, config, rows: int, device, generator):
+def _synthetic_batch(plan: Plan, rows: int, device, generator):
     import torch
 
     spec = plan.encoder
@@ -145,7 +145,7 @@ def _train_steps(plan: Plan, backend: str, dev, steps: int) -> float:
     config.classifier.rps.compression = plan.rps_compression
     config.train.classifier_optimizer = plan.optimizer
     generator = torch.Generator().manual_seed(0)
-    batch = _synthetic_batch(plan, config, plan.batch, dev, generator)
+    batch = _synthetic_batch(plan, plan.batch, dev, generator)
     labels = torch.randint(0, plan.labels, (plan.batch, 5), generator=generator)
     positives = Positives.from_lists([row.tolist() for row in labels], plan.labels, device=dev)
     clusters = None

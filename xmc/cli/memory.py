@@ -94,6 +94,7 @@ def register(sub) -> None:
 def _plans(args) -> list:
     from xmc.memory import ENCODERS, PRESETS, Plan, encoder_spec, plan_from_config, preset_plan
 
+    encoder = args.encoder  # replaces the plan's encoder, unless it only tells a bow config its F
     if args.preset:
         names = list(PRESETS) if args.preset.lower() == "all" else [args.preset]
         plans = [preset_plan(n) for n in names]
@@ -102,8 +103,9 @@ def _plans(args) -> list:
 
         config = load_config(args.config, args.overrides)
         features = None
-        if args.encoder and args.encoder.lower().startswith("bow:"):
-            features = encoder_spec(args.encoder).features
+        if config.encoder.type == "bow" and encoder and encoder.lower().startswith("bow:"):
+            features = encoder_spec(encoder).features  # the config's own encoder, F given by hand
+            encoder = None
         plans = [plan_from_config(config, args.labels, features)]
     else:
         if args.labels is None:
@@ -131,10 +133,8 @@ def _plans(args) -> list:
             }.items()
             if value is not None
         }
-        if args.encoder and not (
-            args.config and args.encoder.lower().startswith("bow:") and plan.encoder.kind == "bow"
-        ):
-            changes["encoder"] = encoder_spec(args.encoder, args.hidden)
+        if encoder:
+            changes["encoder"] = encoder_spec(encoder, args.hidden)
         spec = changes.get("encoder", plan.encoder)
         if args.hidden is not None and args.hidden != spec.hidden:
             if spec.kind == "transformer":
