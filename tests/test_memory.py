@@ -163,6 +163,9 @@ def test_gradient_checkpointing_accumulation_and_heads():
     # Intermediate 8 -> 16: 8 * 16 + 16 = 144 parameters; meta head 5 * (16 + 1) = 85.
     assert heads["head parameters"] == 4 * (144 + 85)
     assert heads["head optimizer"] == 8 * (144 + 85)
+    sparse = estimate(plan(intermediate=16, intermediate_fan_in=3), ("fixed_fanin",))["fixed_fanin"]
+    # A fixed fan-in intermediate layer: 16 * 3 + 16 = 64 parameters and 16 * 3 int16 ids.
+    assert sparse["head parameters"] == 4 * 64 and sparse["head ids"] == 2 * 48
 
 
 def test_estimates_never_build_the_model():
@@ -221,6 +224,27 @@ def test_encoder_spec_from_a_local_folder_counts_the_safetensors(tmp_path):
     assert encoder_spec("models/bert-base-uncased") == ENCODERS["bert-base"]
     with pytest.raises(ValueError, match="unknown encoder"):
         encoder_spec("no-such-model")
+
+
+def test_encoder_spec_counts_a_fips_folder_by_its_compressed_mlps(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from xmc.fips import save_compressed
+    from xmc.fips_fit import compress_mlps
+
+    hf = BertConfig(
+        vocab_size=10,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=4,
+    )
+    model = BertModel(hf)
+    compress_mlps(model, None, sparsity=0.5, rank=3, group_size=1)  # SVD only: no activations needed
+    save_compressed(model, None, tmp_path, {})
+    # The dense MLP weights 2 * 8 * 16 = 256 become a base 8 * 3 and two factors of 3 * 16 / 2 nonzeros.
+    assert encoder_spec(str(tmp_path)).num_parameters() == TINY_PARAMS - 256 + 8 * 3 + 2 * 24
 
 
 def test_cli_prints_both_backends_and_the_cards(capsys):

@@ -7,6 +7,8 @@
 
 A run folder is self-contained: ``config.yaml``, ``model.json`` and ``best.safetensors`` (with the
 bag-of-words vocabulary or, for transformers, ``encoder/`` holding the model config and tokenizer).
+``xmc.load`` also reads the condensed folders ``xmc export`` writes (:mod:`xmc.condensed`): those
+predict on the CPU without importing the training stack.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ import numpy as np
 
 from xmc.config import load_config
 from xmc.encoders import FeaturesInputs, Inputs, SplitSource, build_token_inputs
-from xmc.train.checkpoint import load_model
-from xmc.train.evaluation import predict_rows
-from xmc.train.run import build_model, resolve_device, resolve_precision
 
 
 class Predictor:
     """A trained model with what it needs to turn raw inputs into top-k labels."""
 
     def __init__(self, run_dir: str | os.PathLike, device: str = "auto") -> None:
+        from xmc.condensed import encoder_from_card
+        from xmc.train.checkpoint import load_model
+        from xmc.train.run import build_model, resolve_device, resolve_precision
+
         run = Path(run_dir)
         for name in ("config.yaml", "model.json", "best.safetensors"):
             if not (run / name).exists():
@@ -41,32 +44,13 @@ class Predictor:
         self.label_names: list[str] | None = self.card.get("label_names")
         self.device = resolve_device(device)
         self.precision = resolve_precision(self.config.train.precision, self.device)
-        encoder = self._encoder()
+        encoder, self.tokenizer = encoder_from_card(self.config, self.card, run)
         clusters = None
         if self.card.get("meta_clusters"):
             clusters = np.zeros(self.card["num_labels"], np.int64)  # overwritten by the saved buffer
         self.model = build_model(self.config, encoder, self.card["num_labels"], clusters)
         load_model(self.model, run / "best.safetensors")
         self.model.to(self.device).eval()
-
-    def _encoder(self):
-        cfg = self.config.encoder
-        if cfg.type == "bow":
-            from xmc.encoders import BowEncoder
-
-            return BowEncoder(self.card["encoder_num_features"], cfg.dim, cfg.dropout)
-        if cfg.type == "features":
-            from xmc.encoders import FeaturesEncoder
-
-            return FeaturesEncoder(self.card["encoder_out_features"], cfg.dropout)
-        from transformers import AutoConfig, AutoTokenizer
-
-        from xmc.encoders import TransformerEncoder
-
-        folder = self.run_dir / "encoder"
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        hf_config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        return TransformerEncoder.from_config(hf_config, cfg.pooling, cfg.dropout)
 
     def inputs(self, source: SplitSource, progress: bool = False) -> Inputs:
         """Encoder inputs for new documents (raw text, bag-of-words counts or embeddings)."""
@@ -81,6 +65,8 @@ class Predictor:
     def topk(self, inputs: Inputs, k: int, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(scores float32 (N, k), ids int32 (N, k))`` best first over all labels."""
         batch_size = batch_size or self.config.train.eval_batch_size
+        from xmc.train.evaluation import predict_rows
+
         rows = np.arange(len(inputs))
         return predict_rows(self.model, inputs, rows, self.device, self.precision, batch_size, k)
 
@@ -91,16 +77,27 @@ class Predictor:
                 "this model reads precomputed embeddings: compute them with `xmc embed`, then topk()"
             )
         texts = list(texts)
-        scores, ids = self.topk(self.inputs(SplitSource(texts=lambda: texts)), k)
-        return [
-            [(self.label_name(int(i)), float(s)) for s, i in zip(srow, irow, strict=True) if i >= 0]
-            for srow, irow in zip(scores, ids, strict=True)
-        ]
+        return top_pairs(self, *self.topk(self.inputs(SplitSource(texts=lambda: texts)), k))
 
     def label_name(self, label: int) -> str:
         return self.label_names[label] if self.label_names else str(label)
 
 
-def load(run_dir: str | os.PathLike, device: str = "auto") -> Predictor:
-    """Load the best model of a finished run (see :class:`Predictor`)."""
+def top_pairs(predictor, scores: np.ndarray, ids: np.ndarray) -> list[list[tuple[str, float]]]:
+    """Per document, the (label name, score) pairs of its top-k (padding dropped)."""
+    return [
+        [(predictor.label_name(int(i)), float(s)) for s, i in zip(srow, irow, strict=True) if i >= 0]
+        for srow, irow in zip(scores, ids, strict=True)
+    ]
+
+
+def load(run_dir: str | os.PathLike, device: str = "auto"):
+    """Load the best model of a finished run (:class:`Predictor`), or a condensed folder written by
+    ``xmc export`` (:class:`~xmc.condensed.CondensedPredictor`, CPU only)."""
+    if (Path(run_dir) / "condensed.safetensors").exists():
+        from xmc.condensed import CondensedPredictor
+
+        if device == "cuda":
+            raise ValueError(f"{run_dir} is a condensed model: it predicts on the CPU (use --device cpu)")
+        return CondensedPredictor(run_dir)
     return Predictor(run_dir, device)

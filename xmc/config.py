@@ -60,6 +60,9 @@ class SETOptions:
     fraction: float = 0.25
     threshold: float = 0.01
     floor: float = 1e-4  # the pruning knob decays on a cosine to this value
+    regrow: str = "random"  # random (SET) or gradient (RigL: largest |dense gradient| of a batch, per row)
+    gamma: float = 0.0  # SRigL neuron ablation in a sparse intermediate layer (needs regrow=gradient):
+    # a neuron with fewer than gamma * K salient connections is removed; 0 = never (SRigL uses 0.3)
 
 
 @dataclass
@@ -86,6 +89,8 @@ class ClassifierConfig:
     type: str = "fixed_fanin"  # dense, fixed_fanin or rps
     fan_in: int = 32  # fixed fan-in K; memory ~ L * K, accuracy drops when K is far below D
     intermediate: int = 0  # width of a layer between encoder and classifier (0 = none; SPARTEX: 4096)
+    intermediate_fan_in: int = 0  # > 0: the intermediate layer is fixed fan-in too, rewired like the
+    # classifier (with SRigL neuron ablation when set.gamma > 0); 0 = a dense intermediate layer
     bias: bool = True
     set: SETOptions = field(default_factory=SETOptions)
     meta: MetaConfig = field(default_factory=MetaConfig)
@@ -112,6 +117,11 @@ class TrainConfig:
     eval_batch_size: int = 256
     save_every: int = 0  # also checkpoint every this many optimizer steps (0 = only at evaluations)
     device: str = "auto"  # auto (CUDA when present), cpu or cuda
+    # Under torchrun / accelerate launch (N processes): data (the model replicated, each micro-batch split
+    # across ranks; fastest while the classifier fits one GPU) or labels (the classifier split into
+    # label ranges: its memory per GPU falls as 1 / N, at an all-gather of the batch per step).
+    # batch_size is the global micro-batch either way; ignored in a single process.
+    parallel: str = "data"
 
 
 @dataclass
@@ -130,11 +140,13 @@ CHOICES = {
     "encoder.pooling": ("cls", "mean"),
     "classifier.type": ("dense", "fixed_fanin", "rps"),
     "classifier.set.prune": ("fraction", "threshold"),
+    "classifier.set.regrow": ("random", "gradient"),
     "classifier.rps.method": ("hashednet", "roast", "stable"),
     "train.loss": ("squared_hinge", "bce"),
     "train.classifier_optimizer": ("adamw", "sgd"),
     "train.precision": ("auto", "no", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.parallel": ("data", "labels"),
 }
 PATH_KEYS = ("data.train", "data.dev", "data.test", "data.labels", "data.exclude_test")
 

@@ -1,33 +1,45 @@
-"""Dynamic sparse training of fixed fan-in layers: SET rewiring.
+"""Dynamic sparse training of fixed fan-in layers: SET and RigL rewiring, SRigL neuron ablation.
 
 Every ``interval`` optimizer steps (counted after gradient accumulation) until ``end`` (a fraction of
 the total steps), each row of a :class:`~xmc.nn.FixedFanInLinear` drops its weakest connections and
-regrows as many at random columns it does not hold, so its fan-in stays K:
+regrows as many at columns it does not hold, so its fan-in stays K:
 
 - prune by ``fraction`` (the ``round(fraction * K)`` smallest |w| of each row; ties to the lower slot)
   or by ``threshold`` (every |w| below it); the active knob decays on a cosine from its initial value
-  to ``floor`` at ``end``;
-- regrown ids are hashes of ``(seed, step, global row, slot)`` (:mod:`xmc.nn.ids`), so a label shard
-  rewires exactly like the same rows of the whole layer; they avoid the ids just pruned (when the row
-  has room), so every rewiring explores new columns;
+  to ``floor`` at ``end`` (RigL's and SRigL's drop-fraction schedule);
+- regrow ``random`` (SET): ids are hashes of ``(seed, step, global row, slot)`` (:mod:`xmc.nn.ids`),
+  so a label shard rewires exactly like the same rows of the whole layer; they avoid the ids just
+  pruned (when the row has room), so every rewiring explores new columns;
+- regrow ``gradient`` (RigL): each row takes the columns it does not hold (after pruning) with the
+  largest |dense gradient| of one batch. The gradient comes from ``grad_fn(start, stop)``, asked for
+  row chunks only at rewiring steps, so the L x D dense gradient never exists in full. A slot whose
+  best remaining column has a zero gradient (no signal: e.g. an input never active in the batch)
+  regrows at random as in SET;
 - regrown weights start at 0 and their optimizer state (Adam moments, SGD momentum) is reset: stale
   state that belonged to the old connection would push the new one;
 - every kept (row, column) pair keeps its weight and optimizer state.
 
-All of it is vectorized over rows, in row chunks that bound the temporaries.
+SRigL neuron ablation (``gamma > 0``, an :class:`~xmc.nn.AblatableFixedFanInLinear` only, never the
+labels): saliency is judged as unstructured RigL would, over the whole layer: the ``n x K - drops``
+largest |w| and the ``drops`` largest |gradient| among absent connections are salient. A neuron with
+fewer than ``gamma * K`` salient connections is removed, and the survivors' fan-in becomes
+``budget // survivors`` (at most the input width), filled by the same gradient regrowth.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
+from xmc.nn.ablation import AblatableFixedFanInLinear
 from xmc.nn.fixed_fanin import FixedFanInLinear
 from xmc.nn.ids import REGROW_IDS, fill_distinct
 
 _ROW_CHUNK = 1 << 16
+_GRAD_ELEMENTS = 1 << 24  # a gradient row chunk holds at most this many fp32 values (64 MiB)
 
 
 @dataclass
@@ -40,6 +52,8 @@ class SETConfig:
     fraction: float = 0.25  # share of each row pruned per rewiring (prune="fraction")
     threshold: float = 0.01  # magnitude bound (prune="threshold")
     floor: float = 1e-4  # the active knob decays on a cosine to this value at `end`
+    regrow: str = "random"  # "random" (SET) or "gradient" (RigL: largest |dense gradient| per row)
+    gamma: float = 0.0  # SRigL ablation: salient share of K below which a neuron is removed (0: never)
 
     def __post_init__(self) -> None:
         if self.prune not in ("fraction", "threshold"):
@@ -52,16 +66,27 @@ class SETConfig:
             raise ValueError(f"fraction must be in [0, 1], got {self.fraction}")
         if self.threshold < 0 or self.floor < 0:
             raise ValueError("threshold and floor must be non-negative")
+        if self.regrow not in ("random", "gradient"):
+            raise ValueError(f"regrow must be 'random' or 'gradient', got {self.regrow!r}")
+        if not 0 <= self.gamma <= 1:
+            raise ValueError(f"gamma is a fraction of the fan-in in [0, 1], got {self.gamma}")
+        if self.gamma and self.regrow != "gradient":
+            raise ValueError("neuron ablation (gamma > 0) judges saliency by gradients: set regrow=gradient")
+
+
+GradFn = Callable[[int, int], torch.Tensor]
 
 
 class SET:
-    """SET rewiring of ``layer``; call :meth:`step` once after every optimizer step.
+    """Rewiring of ``layer`` (SET or RigL regrowth per ``config.regrow``); call :meth:`step` once after
+    every optimizer step.
 
     Args:
         layer: the fixed fan-in layer to rewire (in place).
         total_steps: the run's total optimizer steps (sets ``end`` and the cosine decay).
         config: the schedule.
-        optimizer: whose per-slot state of ``layer.weight`` is reset for regrown slots (optional).
+        optimizer: the optimizer (or a list of them) whose per-slot state of ``layer.weight`` is reset
+            for regrown slots (optional).
         seed: keys the regrowth randomness; defaults to the layer's seed.
     """
 
@@ -70,12 +95,17 @@ class SET:
         layer: FixedFanInLinear,
         total_steps: int,
         config: SETConfig | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
         seed: int | None = None,
     ) -> None:
         self.layer, self.total_steps = layer, total_steps
         self.config = config or SETConfig()
-        self.optimizer = optimizer
+        if self.config.gamma and not isinstance(layer, AblatableFixedFanInLinear):
+            raise ValueError("neuron ablation (gamma > 0) needs an AblatableFixedFanInLinear (never labels)")
+        optimizers = [] if optimizer is None else [optimizer] if hasattr(optimizer, "state") else optimizer
+        weight = layer.weight
+        holders = [o for o in optimizers for g in o.param_groups if any(p is weight for p in g["params"])]
+        self.optimizer = holders[0] if holders else None
         self.seed = layer.seed if seed is None else seed
         self.steps = 0  # optimizer steps seen
         self.rewirings = 0
@@ -84,6 +114,14 @@ class SET:
     def end_step(self) -> int:
         return int(self.config.end * self.total_steps)
 
+    @property
+    def needs_gradient(self) -> bool:
+        return self.config.regrow == "gradient"
+
+    def due(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (counted from 1) rewires."""
+        return step % self.config.interval == 0 and step <= self.end_step
+
     def knob(self, step: int) -> float:
         """The pruning fraction or threshold in force at ``step`` (cosine decay to ``floor``)."""
         cfg = self.config
@@ -91,37 +129,112 @@ class SET:
         progress = min(step / max(self.end_step, 1), 1.0)
         return cfg.floor + (start - cfg.floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    def step(self) -> int | None:
-        """Count one optimizer step; rewire when one is due. Returns the connections changed, or None."""
+    def step(self, grad_fn: GradFn | None = None) -> int | None:
+        """Count one optimizer step; rewire when one is due. Returns the connections changed, or None.
+        ``grad_fn(start, stop)`` gives the (stop - start, D) dense gradient of rows ``start..stop-1``
+        (needed by gradient regrowth)."""
         self.steps += 1
-        if self.steps % self.config.interval or self.steps > self.end_step:
+        if not self.due(self.steps):
             return None
-        return self.rewire(self.steps)
+        return self.rewire(self.steps, grad_fn)
 
     @torch.no_grad()
-    def rewire(self, step: int) -> int:
+    def rewire(self, step: int, grad_fn: GradFn | None = None) -> int:
         """Prune and regrow every row once, keyed by ``step``; returns how many slots were regrown."""
-        layer = self.layer
+        if self.needs_gradient and grad_fn is None:
+            raise ValueError("regrow='gradient' needs grad_fn, the dense gradient of a batch")
         knob = self.knob(step)
+        if self.config.gamma:
+            changed = self._rewire_ablating(step, knob, grad_fn)
+        else:
+            changed = self._rewire_rows(step, knob, grad_fn)
+        self.rewirings += 1
+        return changed
+
+    def _rewire_rows(self, step: int, knob: float, grad_fn: GradFn | None) -> int:
+        layer = self.layer
         state = self._slot_states()
+        num_rows = layer.weight.shape[0]
+        # Gradient chunks are (rows, D) fp32: bound them like the random draw's temporaries.
+        chunk = max(1, min(_ROW_CHUNK, _GRAD_ELEMENTS // layer.in_features)) if grad_fn else _ROW_CHUNK
         changed = 0
-        for start in range(0, layer.out_features, _ROW_CHUNK):
-            stop = min(start + _ROW_CHUNK, layer.out_features)
+        for start in range(0, num_rows, chunk):
+            stop = min(start + chunk, num_rows)
             magnitude = layer.weight[start:stop].detach().abs().float()
             prune = self._prune_mask(magnitude, knob)
             if not bool(prune.any()):
                 continue
-            rows = torch.arange(start, stop, device=prune.device) + layer.row_offset
-            old = layer.indices[start:stop]
-            # Avoiding all old ids (kept ones are blocked anyway) keeps regrowth off the ids just pruned.
-            ids = fill_distinct(old, prune, rows, layer.in_features, (self.seed, REGROW_IDS, step), avoid=old)
+            old, rows = layer.indices[start:stop], layer.global_rows(start, stop)
+            if self.needs_gradient:
+                ids = self._regrow(old, prune, grad_fn(start, stop), rows, step, avoid=old)
+            else:
+                # Avoiding all old ids (kept ones are blocked anyway) keeps regrowth off the ids just pruned.
+                key = (self.seed, REGROW_IDS, step)
+                ids = fill_distinct(old, prune, rows, layer.in_features, key, avoid=old)
             layer.indices[start:stop] = ids.to(layer.indices.dtype)
             layer.weight[start:stop].masked_fill_(prune, 0)
             for tensor in state:
                 tensor[start:stop].masked_fill_(prune, 0)
             changed += int(prune.sum())
-        self.rewirings += 1
         return changed
+
+    def _regrow(
+        self,
+        ids: torch.Tensor,
+        fill: torch.Tensor,
+        grad: torch.Tensor,
+        rows: torch.Tensor,
+        step: int,
+        avoid: torch.Tensor,
+    ) -> torch.Tensor:
+        """``ids`` with its ``fill`` slots set to the absent columns of largest |grad|
+        (:func:`grow_by_gradient`); slots left with only zero-gradient columns draw at random, as SET
+        (keyed by the global ``rows``), away from the ``avoid`` ids (the row's ids before pruning)."""
+        picked, score = grow_by_gradient(ids, fill, grad)
+        blind = fill & (score <= 0)
+        if not bool(blind.any()):
+            return picked
+        key = (self.seed, REGROW_IDS, step)
+        return fill_distinct(picked, blind, rows, self.layer.in_features, key, avoid=avoid)
+
+    def _rewire_ablating(self, step: int, knob: float, grad_fn: GradFn) -> int:
+        """SRigL on a (small) intermediate layer, all rows at once: judge saliency, ablate neurons whose
+        salient share is below ``gamma``, widen the survivors to the budget, regrow by gradient."""
+        layer: AblatableFixedFanInLinear = self.layer
+        num_rows, fan_in = layer.weight.shape
+        magnitude = layer.weight.detach().abs().float()
+        prune = self._prune_mask(magnitude, knob)
+        grad = grad_fn(0, num_rows).float()
+        drops = int(prune.sum())
+        # Unstructured saliency: the largest |w| the layer keeps in total, the largest |grad| it regrows.
+        salient = _top_mask(magnitude, num_rows * fan_in - drops).sum(1)
+        if drops:
+            absent = grad.abs()
+            absent.scatter_(1, layer.indices.long(), -1.0)  # held columns are never "grown"
+            salient = salient + _top_mask(absent, drops).sum(1)
+        keep = salient >= self.config.gamma * fan_in
+        if not bool(keep.any()):
+            keep[int(torch.argmax(salient))] = True  # the layer keeps at least its most salient neuron
+        survivors = torch.nonzero(keep).squeeze(1)
+        new_fan_in = min(layer.in_features, layer.budget // survivors.numel())
+        if survivors.numel() == num_rows and new_fan_in == fan_in:
+            return self._rewire_rows(step, knob, lambda start, stop: grad[start:stop])
+        # Survivors keep their unpruned connections in their slots; the rest of the widened row is regrown.
+        widen = new_fan_in - fan_in
+        kept = ~prune[survivors]
+        fill = torch.nn.functional.pad(~kept, (0, widen), value=True)
+        ids = torch.nn.functional.pad(layer.indices[survivors].long(), (0, widen)).masked_fill_(fill, 0)
+        old = layer.indices[survivors]
+        ids = self._regrow(ids, fill, grad[survivors], layer.neurons[survivors], step, avoid=old)
+        slot_map = _slot_remap(survivors, kept, widen)
+        for param in [layer.weight] + ([layer.bias] if layer.bias is not None else []):
+            remap = slot_map if param is layer.weight else (lambda tensor: tensor[survivors])
+            for name, tensor in self._param_states(param):
+                self.optimizer.state[param][name] = remap(tensor)
+        weight = slot_map(layer.weight.detach())
+        bias = layer.bias.detach()[survivors] if layer.bias is not None else None
+        layer.set_rows(layer.neurons[survivors], weight, ids, bias)
+        return int(fill.sum())
 
     def _prune_mask(self, magnitude: torch.Tensor, knob: float) -> torch.Tensor:
         if self.config.prune == "threshold":
@@ -134,12 +247,15 @@ class SET:
             mask.scatter_(1, weakest, True)
         return mask
 
-    def _slot_states(self) -> list[torch.Tensor]:
-        """The optimizer's per-slot state tensors of ``layer.weight`` (same shape as the weight)."""
+    def _param_states(self, param: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """The optimizer's per-element state tensors of ``param`` (same shape), by name."""
         if self.optimizer is None:
             return []
-        state = self.optimizer.state.get(self.layer.weight, {})
-        return [v for v in state.values() if torch.is_tensor(v) and v.shape == self.layer.weight.shape]
+        state = self.optimizer.state.get(param, {})
+        return [(k, v) for k, v in state.items() if torch.is_tensor(v) and v.shape == param.shape]
+
+    def _slot_states(self) -> list[torch.Tensor]:
+        return [tensor for _, tensor in self._param_states(self.layer.weight)]
 
     def state_dict(self) -> dict:
         return {
@@ -154,3 +270,50 @@ class SET:
         self.steps, self.rewirings = int(state["steps"]), int(state["rewirings"])
         self.seed, self.total_steps = int(state["seed"]), int(state["total_steps"])
         self.config = SETConfig(**state["config"])
+
+
+def grow_by_gradient(
+    ids: torch.Tensor, fill: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fill the ``fill`` slots of each row with the columns it does not hold of largest |grad|.
+
+    Args:
+        ids: (R, K) column ids; those where ``fill`` is False are kept (distinct within a row).
+        fill: (R, K) bool, the slots to regrow.
+        grad: (R, D) dense gradient of the rows.
+
+    Returns:
+        ``(ids, score)``: (R, K) int64 ids, where the j-th filled slot of a row (in slot order) holds the
+        row's j-th best absent column, and (R, K) float32 |grad| of each filled slot's column (0 elsewhere).
+    """
+    ids = ids.to(torch.int64)
+    scores = grad.detach().abs().float()
+    held = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, ids, ~fill)
+    scores.masked_fill_(held, -1.0)  # |grad| >= 0, so a held column always ranks last
+    need = int(fill.sum(1).max()) if fill.numel() else 0
+    if need == 0:
+        return ids.clone(), torch.zeros_like(fill, dtype=torch.float32)
+    best = torch.topk(scores, need, dim=1)  # (R, need), largest first
+    rank = (torch.cumsum(fill.to(torch.int64), dim=1) - 1).clamp(min=0)
+    picked = torch.where(fill, torch.gather(best.indices, 1, rank), ids)
+    score = torch.where(fill, torch.gather(best.values, 1, rank), 0.0)
+    return picked, score
+
+
+def _top_mask(values: torch.Tensor, count: int) -> torch.Tensor:
+    """(same shape) bool marking the ``count`` largest entries of the whole tensor."""
+    mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    if count > 0:
+        mask[torch.topk(values.reshape(-1), min(count, values.numel())).indices] = True
+    return mask.view_as(values)
+
+
+def _slot_remap(survivors: torch.Tensor, kept: torch.Tensor, widen: int) -> Callable:
+    """Maps an (n, K) per-slot tensor to the survivors' (s, K + widen) layout: kept slots keep their
+    value, pruned and new slots start at 0."""
+
+    def remap(tensor: torch.Tensor) -> torch.Tensor:
+        rows = torch.where(kept, tensor[survivors], torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+        return torch.nn.functional.pad(rows, (0, widen))
+
+    return remap

@@ -26,8 +26,11 @@ What is counted, per rank (the training loop keeps fp32 parameters and autocasts
 - the intermediate layer and the meta head: parameters, gradients and optimizer state as above;
 - the classifier: ``state_bytes`` of the backend (weights, ids, gradients, optimizer state, the
   chunked loss's buffers); on CPU also the buffers of the PyTorch twins that stand in for the kernels.
-  Under label sharding each rank holds ``ceil(L / world)`` labels and scores
-  the all-gathered batch of ``world x batch`` documents.
+  Under label sharding (``parallel="labels"``) each rank holds ``ceil(L / world)`` labels and scores
+  the all-gathered batch of ``world x batch`` documents; the encoder, the head and RPS's shared array
+  are replicated. Data parallel (``parallel="data"``) replicates everything: a rank is a single GPU
+  at its share of the batch. ``xmc train``'s ``train.batch_size`` is the global micro-batch, so a
+  plan from a config at ``world_size`` N has ``batch = ceil(batch_size / N)`` per rank.
 
 Optimizers run fused (one pass per tensor, no temporaries; see ``xmc.train.loop.build_optimizers``).
 A card of G GiB fits when the total is at most ``G GiB - CUDA_RESERVE`` (the CUDA context, cuBLAS
@@ -102,7 +105,8 @@ _ALIASES = {
 def encoder_spec(name: str, hidden: int | None = None) -> EncoderSpec:
     """An encoder by preset name, ``bow:F`` (bag-of-words over F features into ``hidden``),
     ``features`` (precomputed ``hidden``-wide embeddings), or a local Hugging Face folder (its
-    ``config.json``, and the exact parameter count from ``model.safetensors`` when present)."""
+    ``config.json``, and the exact parameter count from ``model.safetensors`` when present; a
+    FiPS-compressed folder counts its MLPs' shared bases and factor nonzeros, not their dense products)."""
     key = name.lower()
     if key.startswith("bow:"):
         try:
@@ -151,6 +155,11 @@ def _spec_from_folder(path: Path) -> EncoderSpec:
     weights = path / "model.safetensors"
     if weights.is_file():
         spec = replace(spec, params=_safetensors_count(weights))
+    fips = cfg.get("xmc_fips")
+    if fips:  # MLPs compressed by FiPS (xmc.fips): shared bases and factor nonzeros replace the dense weights
+        dense = 2 * spec.layers * spec.hidden * spec.intermediate
+        shared = sum(hidden * r for r in fips["ranks"]) + sum(map(sum, fips["nnz"]))
+        spec = replace(spec, params=spec.num_parameters() - dense + shared)
     return spec
 
 
@@ -179,7 +188,9 @@ class Plan:
     precision: str = "bf16"  # fp32, bf16 or fp16 (autocast over fp32 parameters)
     optimizer: str = "adamw"  # classifier optimizer: adamw or sgd (the encoder always uses AdamW)
     world_size: int = 1
+    parallel: str = "labels"  # over world_size GPUs: labels (classifier split) or data (all replicated)
     intermediate: int = 0
+    intermediate_fan_in: int = 0  # > 0: the intermediate layer is fixed fan-in (ids counted too)
     meta_clusters: int = 0
     grad_accum: int = 1
     gradient_checkpointing: bool = False
@@ -195,7 +206,7 @@ class Plan:
 
     @property
     def labels_per_rank(self) -> int:
-        return math.ceil(self.labels / self.world_size)
+        return math.ceil(self.labels / self.world_size) if self.parallel == "labels" else self.labels
 
     def check(self) -> None:
         if self.labels < 1:
@@ -207,6 +218,8 @@ class Plan:
             raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.parallel not in ("labels", "data"):
+            raise ValueError(f"--parallel must be labels or data, got {self.parallel!r}")
         if not 1 <= self.fan_in <= self.width:
             raise ValueError(
                 f"--fan-in {self.fan_in} must lie in 1..{self.width} (the classifier's input width)"
@@ -265,13 +278,19 @@ def estimate(plan: Plan, names: tuple[str, ...] | None = None) -> dict[str, dict
         encoder.update(gradients=0, optimizer=0)
     common = {f"encoder {k}": v for k, v in encoder.items()}
     common["encoder activations"] = _activation_bytes(plan)
-    head_params = 0
+    head_params = head_ids = 0
     if plan.intermediate:
-        head_params += plan.encoder.hidden * plan.intermediate + plan.intermediate
+        fan_in = plan.intermediate_fan_in or plan.encoder.hidden
+        head_params += fan_in * plan.intermediate + plan.intermediate
+        if plan.intermediate_fan_in:  # int16 ids up to 32,767 inputs (xmc.nn.fixed_fanin.index_dtype)
+            head_ids = plan.intermediate * fan_in * (2 if plan.encoder.hidden <= 32767 else 4)
     if plan.meta_clusters:
         head_params += plan.meta_clusters * (plan.width + 1)
     common.update({f"head {k}": v for k, v in _trainable(head_params, plan.optimizer).items()})
-    rows = plan.batch * plan.world_size  # the classifier scores the all-gathered batch
+    if head_ids:
+        common["head ids"] = head_ids
+    # Label sharding: the classifier scores the all-gathered batch.
+    rows = plan.batch * plan.world_size if plan.parallel == "labels" else plan.batch
     out = {}
     for name in names:
         options = {}
@@ -363,7 +382,11 @@ def format_report(data: dict) -> str:
     lines = [
         f"{plan['name'] + ': ' if plan['name'] else ''}L = {plan['labels']:,} labels"
         + (
-            f" ({plan['labels_per_rank']:,} per rank of {plan['world_size']})"
+            (
+                f" ({plan['labels_per_rank']:,} per rank of {plan['world_size']})"
+                if plan.get("parallel", "labels") == "labels"
+                else f" (data parallel over {plan['world_size']})"
+            )
             if plan["world_size"] > 1
             else ""
         )
@@ -466,6 +489,7 @@ def plan_from_config(config, labels: int | None = None, features: int | None = N
         precision=precision,
         optimizer=config.train.classifier_optimizer,
         intermediate=config.classifier.intermediate,
+        intermediate_fan_in=config.classifier.intermediate_fan_in if config.classifier.intermediate else 0,
         meta_clusters=config.classifier.meta.clusters if config.classifier.meta.enabled else 0,
         grad_accum=config.train.grad_accum,
         gradient_checkpointing=enc.gradient_checkpointing,

@@ -243,7 +243,35 @@ def topk_merge_torch(best_scores, best_ids, scores, label_offset: int, k: int):
     if candidates.shape[1] > k:  # composites are distinct, so top-k of them is exact
         candidates = torch.topk(candidates, k, dim=1).values
     merged = torch.cat([_pack_torch(best_scores, best_ids), candidates], dim=1)
-    top = torch.topk(merged, k, dim=1).values  # sorted, best first
+    return _unpack_torch(torch.topk(merged, k, dim=1).values)  # sorted, best first
+
+
+def topk_merge_lists_torch(scores, ids, k: int):
+    """The top ``k`` of candidate lists that carry their own label ids, e.g. the per-rank top-k lists
+    of a label-sharded classifier laid side by side.
+
+    Args:
+        scores: (B, m) float scores.
+        ids: (B, m) int global label ids, ``-1`` for padding; a label appears at most once per row.
+        k: how many to keep.
+
+    Returns:
+        ``(scores float32 (B, k), ids int64 (B, k))`` in the order of :func:`topk_merge_torch` (ties to
+        the lower id, NaN after every number, ``-inf`` / ``-1`` padding when fewer than k are given).
+    """
+    import torch
+
+    packed = _pack_torch(scores, ids)
+    if packed.shape[1] < k:
+        pad = torch.full((packed.shape[0], k - packed.shape[1]), int(_PAD), dtype=torch.int64)
+        packed = torch.cat([packed, pad.to(packed.device)], dim=1)
+    return _unpack_torch(torch.topk(packed, k, dim=1).values)
+
+
+def _unpack_torch(top):
+    """(scores float32, ids int64) of sorted composite keys (see :func:`_pack`)."""
+    import torch
+
     key = top >> 32
     bits = torch.where(key < 0, key ^ 0x7FFFFFFF, key).to(torch.int32)
     out_scores = bits.view(torch.float32).clone()

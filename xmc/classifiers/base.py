@@ -10,7 +10,8 @@ The training loop, the memory planner and prediction talk to classifiers only th
 - ``state_bytes(in_features, num_labels, ...)``, a classmethod, for the memory planner: bytes by
   component computed from the shape alone, so a plan never allocates the model
   (``instance.memory(batch_size)`` asks the same of a built classifier);
-- ``shard(rank, world)``: the same classifier restricted to a contiguous label range.
+- ``shard(rank, world)``: the same classifier restricted to a contiguous label range;
+  ``label_state_names()`` names what a shard slices (label-indexed weights and ids).
 
 A backend implements ``chunk_logits`` and ``chunk_backward`` for a label range and lists its
 label-indexed parameters in ``label_parameters`` (dimension 0 runs over labels) and any parameters
@@ -58,6 +59,15 @@ class Classifier(nn.Module, abc.ABC):
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters read by every label chunk (gradients summed over chunks); none by default."""
         return []
+
+    def label_state_names(self) -> list[str]:
+        """Names in ``state_dict()`` of the tensors whose dimension 0 runs over the labels: the
+        ``label_parameters`` and the buffers of ``num_labels`` rows (fixed fan-in ids). A label shard
+        holds rows of these and replicates the rest; a checkpoint stores them whole."""
+        label = {id(p) for p in self.label_parameters()}
+        names = [n for n, p in self.named_parameters() if id(p) in label]
+        names += [n for n, b in self.named_buffers() if b.dim() >= 1 and b.shape[0] == self.num_labels]
+        return names
 
     @classmethod
     @abc.abstractmethod
@@ -121,6 +131,18 @@ class Classifier(nn.Module, abc.ABC):
         return _ChunkedLoss.apply(
             h, positives, self, kind, *self.label_parameters(), *self.shared_parameters()
         )
+
+    @torch.no_grad()
+    def dense_gradient(
+        self, h: torch.Tensor, positives: Positives, kind: str, start: int, stop: int
+    ) -> torch.Tensor:
+        """(stop - start, D) gradient (float32; float64 for float64 inputs) of :meth:`loss` with respect
+        to a dense weight matrix of labels ``start..stop-1``, at the current logits: ``g^T h`` with ``g``
+        the logits' gradient. What gradient regrowth (RigL) ranks absent connections by; only ever asked
+        for a label chunk."""
+        logits = self.chunk_logits(h, start, stop)
+        _, g = chunk_loss_and_grad(logits, *positives.block(start, stop), kind, want_grad=True)
+        return (g.t() @ h.to(g.dtype)) / (h.shape[0] * self.num_labels)
 
     @torch.no_grad()
     def topk(self, h: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

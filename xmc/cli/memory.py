@@ -16,8 +16,10 @@ examples:
   xmc memory --config configs/bibtex.yaml data.train=bibtex/train.txt
   xmc memory --encoder bert-tiny --labels 200000 --intermediate 512 --batch 8 --seq-len 32 --measure
 
-Rows are per GPU (per rank under --world-size: the classifier's labels are split across ranks, the
-encoder is replicated). Estimates never build the model; --measure runs real steps to check them.
+Rows are per GPU (per rank under --world-size: with --parallel labels the classifier's labels are
+split across ranks and the encoder is replicated; with --parallel data everything is replicated).
+A config's train.batch_size is the global batch, split across ranks. Estimates never build the model;
+--measure runs real steps to check them.
 """
 
 
@@ -56,6 +58,9 @@ def register(sub) -> None:
         "projection width for bow:F, the embedding width for features)",
     )
     parser.add_argument("--intermediate", type=int, help="width of a layer between encoder and classifier")
+    parser.add_argument(
+        "--intermediate-fan-in", type=int, help="K of a fixed fan-in intermediate layer (default: dense)"
+    )
     parser.add_argument("--fan-in", type=int, help="fixed fan-in K (default 128)")
     parser.add_argument("--batch", type=int, help="documents per micro-batch and GPU (default 64)")
     parser.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
@@ -68,7 +73,18 @@ def register(sub) -> None:
         "--meta-clusters", type=int, help="add an auxiliary meta head over this many clusters"
     )
     parser.add_argument("--compression", type=float, help="RPS compression L*D/m (default 8)")
-    parser.add_argument("--world-size", type=int, help="GPUs sharing the labels (default 1)")
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        help="GPUs (ranks) training together (default 1); rows are per rank. With --config or --preset "
+        "the config's train.batch_size is the global batch: each rank gets its share",
+    )
+    parser.add_argument(
+        "--parallel",
+        choices=("labels", "data"),
+        help="how --world-size GPUs share the work, as train.parallel: labels (the classifier split "
+        "by labels; the default here, where memory is the question) or data (everything replicated)",
+    )
     parser.add_argument(
         "--gradient-checkpointing",
         action="store_true",
@@ -127,12 +143,16 @@ def _plans(args) -> list:
                 "optimizer": args.optimizer,
                 "meta_clusters": args.meta_clusters,
                 "intermediate": args.intermediate,
+                "intermediate_fan_in": args.intermediate_fan_in,
                 "rps_compression": args.compression,
                 "world_size": args.world_size,
+                "parallel": args.parallel,
                 "gradient_checkpointing": args.gradient_checkpointing,
             }.items()
             if value is not None
         }
+        if (args.preset or args.config) and args.world_size and args.batch is None:
+            changes["batch"] = -(-plan.batch // args.world_size)  # the config's batch is global
         if encoder:
             changes["encoder"] = encoder_spec(encoder, args.hidden)
         spec = changes.get("encoder", plan.encoder)

@@ -106,6 +106,10 @@ class TransformerEncoder(Encoder):
         from transformers import AutoModel
 
         model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        if getattr(model.config, "xmc_fips", None):  # MLPs compressed by `xmc compress-encoder`
+            from xmc.fips import load_fips
+
+            load_fips(model, path)
         # Checkpoints saved in half precision would otherwise train in it (transformers 5 keeps
         # the stored dtype); mixed precision is the training loop's business, via autocast.
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
@@ -123,7 +127,12 @@ class TransformerEncoder(Encoder):
         """A randomly initialized model of architecture ``hf_config`` (tests, memory benchmarks)."""
         from transformers import AutoModel
 
-        return cls(AutoModel.from_config(hf_config), pooling, dropout, gradient_checkpointing)
+        model = AutoModel.from_config(hf_config)
+        if getattr(hf_config, "xmc_fips", None):  # FiPS layers of that structure; a checkpoint fills them
+            from xmc.fips import attach_fips
+
+            attach_fips(model, hf_config.xmc_fips)
+        return cls(model, pooling, dropout, gradient_checkpointing)
 
     @property
     def gradient_checkpointing(self) -> bool:

@@ -80,6 +80,10 @@ class FixedFanInLinear(nn.Module):
                     self.bias.dtype
                 )
 
+    def global_rows(self, start: int, stop: int) -> torch.Tensor:
+        """(stop - start,) int64 global numbers of local rows ``start..stop-1`` (regrowth hash keys)."""
+        return torch.arange(start, stop, device=self.weight.device) + self.row_offset
+
     def column_transpose(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The CSC view of the pattern (``col_ptr`` (D+1,), ``slots`` (L*K,)) used by the input-gradient
         kernel; cached until ``indices`` changes (in-place edits bump its version counter)."""

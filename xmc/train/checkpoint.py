@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from xmc.data.atomic import atomic_open
@@ -26,11 +27,12 @@ def _extra_path(path: Path) -> Path:
     return path.with_name(path.name.removesuffix(".safetensors") + ".extra.json")
 
 
-def save_model(model: torch.nn.Module, path: str | os.PathLike) -> None:
-    """``model.state_dict()``: tensors as safetensors, and modules' extra state (e.g. a bag-of-words
-    vocabulary) as JSON beside it (``<name>.extra.json``); each file written atomically."""
+def save_model(model: torch.nn.Module | dict[str, Any], path: str | os.PathLike) -> None:
+    """``model.state_dict()`` (or a state dict given as is, e.g. label shards gathered whole):
+    tensors as safetensors, and modules' extra state (e.g. a bag-of-words vocabulary) as JSON beside it
+    (``<name>.extra.json``); each file written atomically."""
     path = Path(path)
-    state = model.state_dict()
+    state = model if isinstance(model, dict) else model.state_dict()
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if torch.is_tensor(v)}
     extra = {k: v for k, v in state.items() if not torch.is_tensor(v)}
     if extra:
@@ -41,22 +43,32 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def load_model(model: torch.nn.Module, path: str | os.PathLike) -> None:
+def load_model(model: torch.nn.Module, path: str | os.PathLike, rows: dict[str, slice] | None = None) -> None:
+    """Load weights saved by :func:`save_model`. ``rows`` maps state-dict names to the rows this
+    process holds (a label shard loading a whole checkpoint): only those rows are read from disk."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
             f"{path}: no model weights here (is this a finished or checkpointed run folder?)"
         )
-    state: dict[str, Any] = dict(load_file(str(path)))
+    if rows:
+        with safe_open(str(path), framework="pt") as handle:
+            state: dict[str, Any] = {
+                key: handle.get_slice(key)[rows[key]] if key in rows else handle.get_tensor(key)
+                for key in handle.keys()
+            }
+    else:
+        state = dict(load_file(str(path)))
     if _extra_path(path).exists():
         state.update(json.loads(_extra_path(path).read_text()))
     model.load_state_dict(state)
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: torch.nn.Module, training: dict[str, Any], keep: int = 1
+    run_dir: Path, step: int, model: torch.nn.Module | dict[str, Any], training: dict[str, Any], keep: int = 1
 ) -> Path:
-    """Write ``run_dir/ckpt-<step>`` completely, point ``latest`` at it, drop all but ``keep`` newest."""
+    """Write ``run_dir/ckpt-<step>`` completely, point ``latest`` at it, drop all but ``keep`` newest.
+    ``model``: the module, or its state dict (see :func:`save_model`)."""
     final = run_dir / f"ckpt-{step:09d}"
     tmp = run_dir / f".ckpt-{step:09d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -82,6 +94,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return folder if folder.exists() else None
 
 
-def load_checkpoint(folder: Path, model: torch.nn.Module) -> dict[str, Any]:
-    load_model(model, folder / "model.safetensors")
-    return torch.load(folder / "training.pt", map_location="cpu", weights_only=True)
+def load_checkpoint(
+    folder: Path, model: torch.nn.Module, rows: dict[str, slice] | None = None
+) -> dict[str, Any]:
+    """Load the model (only ``rows`` of label-indexed tensors, see :func:`load_model`) and return the
+    training state; with ``rows`` that state is memory-mapped, so a shard copies only what it keeps."""
+    load_model(model, folder / "model.safetensors", rows)
+    return torch.load(folder / "training.pt", map_location="cpu", weights_only=True, mmap=bool(rows))

@@ -11,11 +11,22 @@ from xmc.metrics import evaluate
 
 @torch.no_grad()
 def predict_rows(
-    model, source, rows: np.ndarray, device: torch.device, precision: str, batch_size: int, k: int
+    model,
+    source,
+    rows: np.ndarray,
+    device: torch.device,
+    precision: str,
+    batch_size: int,
+    k: int,
+    parallel=None,
 ):
     """``(scores float32 (len(rows), k), ids int32 (len(rows), k))`` of documents ``rows`` of the inputs
-    ``source``, best first, in eval mode and batches of ``batch_size``."""
+    ``source``, best first, in eval mode and batches of ``batch_size``. Over several ranks
+    (``parallel``, a :class:`~xmc.train.parallel.Parallel`) every rank takes part and gets the whole."""
     from xmc.train.loop import autocast
+
+    if parallel is not None and parallel.active:
+        return parallel.predict_rows(model, source, rows, device, precision, batch_size, k)
 
     model.eval()
     scores = np.empty((len(rows), k), np.float32)
@@ -31,15 +42,19 @@ def predict_rows(
     return scores, ids
 
 
-def predict_split(model, split, inputs, device: torch.device, precision: str, batch_size: int, k: int):
+def predict_split(
+    model, split, inputs, device: torch.device, precision: str, batch_size: int, k: int, parallel=None
+):
     """Top-k of ``split``'s rows (see :func:`predict_rows`)."""
-    return predict_rows(model, inputs[split.source], split.rows, device, precision, batch_size, k)
+    return predict_rows(model, inputs[split.source], split.rows, device, precision, batch_size, k, parallel)
 
 
-def evaluate_split(model, split, inputs, device, precision, batch_size, inv_prop=None, k: int = 5) -> dict:
+def evaluate_split(
+    model, split, inputs, device, precision, batch_size, inv_prop=None, k: int = 5, parallel=None
+) -> dict:
     """P@k, nDCG@k, R@k, RP@k (and PSP@k, PSnDCG@k given propensities) for k = 1, 3, 5."""
     width = k + (0 if split.exclude is None else int(np.diff(split.exclude.indptr).max(initial=0)))
-    _, ids = predict_split(model, split, inputs, device, precision, batch_size, width)
+    _, ids = predict_split(model, split, inputs, device, precision, batch_size, width, parallel)
     return evaluate(split.Y, ids, inv_prop=inv_prop, exclude=split.exclude)
 
 

@@ -5,7 +5,8 @@ epoch), so a resumed run sees the same batches), ``grad_accum`` of them per opti
 gradients are unscaled (fp16), clipped, and checked: a non-finite gradient skips the step (weights,
 ids and optimizer state untouched; fp16 lowers the loss scale), and ``MAX_BAD_STEPS`` non-finite
 steps in a row stop the run with the last good checkpoint intact. After each optimizer step the
-schedules advance and SET rewires when due. Every ``eval_every`` epochs the dev split is scored, the
+schedules advance and the fixed fan-in layers rewire when due
+(:mod:`xmc.train.rewiring`). Every ``eval_every`` epochs the dev split is scored, the
 best model is kept in ``best/``, and a checkpoint is written; ``patience`` evaluations without
 improvement stop training.
 """
@@ -26,10 +27,11 @@ import torch
 from tqdm.auto import tqdm
 
 from xmc.config import Config
-from xmc.dst import SET, SETConfig
 from xmc.losses import Positives
-from xmc.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model
+from xmc.train.checkpoint import latest_checkpoint
 from xmc.train.evaluation import evaluate_split
+from xmc.train.parallel import Parallel
+from xmc.train.rewiring import Rewiring
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +133,14 @@ def train(
     meta_weight_fn=None,
     progress: bool = True,
     step_hook=None,
+    parallel: Parallel | None = None,
 ) -> Position:
     """Train ``model`` in place; returns the final position. ``step_hook(model, step, optimizers,
-    scaler)`` runs after each accumulation window's backward, before the optimizer step (tests use it
-    to inject faults)."""
+    scaler)`` runs after each accumulation window's backward (and the gradients' sum over ranks),
+    before the optimizer step (tests use it to inject faults). ``parallel``: this process's part of a
+    multi-process run (:mod:`xmc.train.parallel`; default: a single process)."""
     t = config.train
+    par = parallel or Parallel()
     train_split = data.splits["train"]
     train_inputs = inputs[train_split.source]
     n = len(train_split.rows)
@@ -146,27 +151,18 @@ def train(
         total_steps = min(total_steps, t.max_steps)
     optimizers = build_optimizers(config, model)
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _schedule(t.warmup, total_steps)) for o in optimizers]
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    dst = None
-    if config.classifier.type == "fixed_fanin" and config.classifier.set.enabled:
-        options = {k: v for k, v in vars(config.classifier.set).items() if k != "enabled"}
-        dst = SET(
-            model.classifier.layer,
-            total_steps,
-            SETConfig(**options),
-            optimizer=optimizers[-1],
-            seed=config.seed,
-        )
+    scaler = par.grad_scaler(device.type, enabled=precision == "fp16")
+    rewiring = Rewiring(config, model, total_steps, optimizers)
     pos = Position()
     if resume and (folder := latest_checkpoint(run_dir)) is not None:
-        state = load_checkpoint(folder, model)
+        state = par.load_checkpoint(folder, model)  # whole-label layout: any world size resumes it
         for o, s in zip(optimizers, state["optimizers"], strict=True):
-            o.load_state_dict(s)
+            par.load_optimizer_state(o, model, s)
         for s, st in zip(schedulers, state["schedulers"], strict=True):
             s.load_state_dict(st)
         scaler.load_state_dict(state["scaler"])
-        if dst is not None:
-            dst.load_state_dict(state["dst"])
+        if rewiring:
+            rewiring.load_state_dict(state["dst"])
         torch.set_rng_state(state["rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
@@ -176,19 +172,20 @@ def train(
     def rng_states() -> tuple[torch.Tensor, torch.Tensor | None]:
         return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
-    def checkpoint(rng: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> None:
-        """Save at an optimizer-step boundary; ``rng`` is the random state to resume with (default: now)."""
+    def checkpoint(rng: tuple[torch.Tensor, torch.Tensor | None] | None = None, wait: bool = True) -> None:
+        """Save at an optimizer-step boundary; ``rng`` is the random state to resume with (default: now);
+        ``wait``: other ranks wait until it is written (not when interrupted: they may be gone)."""
         cpu_rng, cuda_rng = rng if rng is not None else rng_states()
         state = {
-            "optimizers": [o.state_dict() for o in optimizers],
+            "optimizers": [par.optimizer_state(o, model) for o in optimizers],
             "schedulers": [s.state_dict() for s in schedulers],
             "scaler": scaler.state_dict(),
-            "dst": dst.state_dict() if dst is not None else {},
+            "dst": rewiring.state_dict(),
             "rng": cpu_rng,
             "cuda_rng": cuda_rng,
             "position": vars(pos),
         }
-        save_checkpoint(run_dir, pos.step, model, state)
+        par.save_checkpoint(run_dir, pos.step, model, state, wait)  # shards gathered; rank 0 writes
 
     params = [p for g in model.parameter_groups() for p in g]
     interrupted = False
@@ -197,7 +194,7 @@ def train(
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
-    writer = _tensorboard(run_dir)
+    writer = _tensorboard(run_dir) if par.is_main else None
     bad_in_a_row = 0
     window_rng = None
     examples, started = 0, time.perf_counter()
@@ -209,7 +206,7 @@ def train(
                 initial=pos.micro,
                 desc=f"epoch {pos.epoch + 1}/{t.epochs}",
                 unit="batch",
-                disable=not progress,
+                disable=not (progress and par.is_main),
                 leave=False,
                 dynamic_ncols=True,
             )
@@ -218,25 +215,33 @@ def train(
             while pos.micro < micro_per_epoch and not (t.max_steps and pos.step >= t.max_steps):
                 window = range(pos.micro, min(pos.micro + t.grad_accum, micro_per_epoch))
                 window_rng = rng_states()  # a window cut short is redone from this random state
+                par.seed_window(config.seed, pos.step)  # several ranks: dropout keyed by (step, rank)
                 loss_sum = torch.zeros((), device=device)
                 for micro in window:
                     local = order[micro * t.batch_size : (micro + 1) * t.batch_size]
+                    mine = local[par.rows(len(local))]  # this rank's part of the (global) micro-batch
                     batch = {
                         k: v.to(device, non_blocking=True)
-                        for k, v in train_inputs.batch(train_split.rows[local]).items()
+                        for k, v in train_inputs.batch(train_split.rows[mine]).items()
                     }
-                    positives = Positives.from_csr(train_split.Y[local], device=device)
+                    positives = Positives.from_csr(train_split.Y[mine], device=device)
                     lam = meta_weight_fn(pos.epoch + micro / micro_per_epoch) if meta_weight_fn else 0.0
-                    with autocast(device, precision):
-                        loss = model.loss(batch, positives, t.loss, lam) / len(window)
-                    scaler.scale(loss).backward()
-                    loss_sum += loss.detach()
+                    keep = micro == window[-1] and rewiring.wants_batch()  # for gradient regrowth
+                    with rewiring.capture(positives) if keep else contextlib.nullcontext():
+                        with autocast(device, precision):
+                            loss = par.loss(model, batch, positives, train_split.Y[local], t.loss, lam)
+                        if loss is not None:  # None: no rows of this micro-batch on this rank
+                            loss = loss / len(window)
+                            scaler.scale(loss).backward()
+                            loss_sum += loss.detach()
                     examples += len(local)
+                par.reduce_gradients(model)  # several ranks: sum the replicated parameters' gradients
                 if step_hook is not None:
                     step_hook(model, pos.step, optimizers, scaler)
                 for o in optimizers:
                     scaler.unscale_(o)
-                norm = torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm or float("inf"))
+                norm = par.clip_grad_norm_(model, params, t.clip_grad_norm or float("inf"))
+                loss_sum = par.reduce_loss(loss_sum)
                 finite = bool(torch.isfinite(norm) & torch.isfinite(loss_sum))  # the step's one host sync
                 if finite:
                     for o in optimizers:
@@ -246,8 +251,7 @@ def train(
                     pos.step, pos.micro, bad_in_a_row = pos.step + 1, window.stop, 0
                     epoch_loss += loss_sum
                     epoch_steps += 1
-                    if dst is not None:
-                        dst.step()
+                    rewiring.step()
                 else:
                     pos.skipped, pos.micro, bad_in_a_row = pos.skipped + 1, window.stop, bad_in_a_row + 1
                 window_rng = None  # the window is done: the current random state is the one to resume with
@@ -284,20 +288,28 @@ def train(
                     }
                 )
                 if "dev" in data.splits and (pos.epoch % t.eval_every == 0 or pos.epoch == t.epochs):
-                    stop = _evaluate(config, model, data, inputs, device, precision, pos, run_dir, writer)
+                    stop = _evaluate(
+                        config, model, data, inputs, device, precision, pos, run_dir, writer, par
+                    )
             checkpoint()
             if stop:
                 log.info("stopping early: dev P@1 has not improved for %d evaluations", t.patience)
                 break
     except KeyboardInterrupt:
         interrupted = True
-        # At the last completed optimizer step; a half-done window is redone with the same dropout.
-        checkpoint(window_rng)
-        log.warning(
-            "interrupted: checkpoint saved in %s; continue with: xmc train --resume --run-dir %s",
-            run_dir,
-            run_dir,
-        )
+        if par.sharded:  # gathering the label shards needs every rank, and they may be gone
+            log.warning(
+                "interrupted: continue from the last checkpoint with: xmc train --resume --run-dir %s",
+                run_dir,
+            )
+        else:
+            # At the last completed optimizer step; a half-done window is redone with the same dropout.
+            checkpoint(window_rng, wait=False)
+            log.warning(
+                "interrupted: checkpoint saved in %s; continue with: xmc train --resume --run-dir %s",
+                run_dir,
+                run_dir,
+            )
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -306,15 +318,15 @@ def train(
     if interrupted:
         raise KeyboardInterrupt
     if "dev" not in data.splits or not (run_dir / "best.safetensors").exists():
-        save_model(model, run_dir / "best.safetensors")  # without validation the final model is the best
+        par.save_model(model, run_dir / "best.safetensors")  # without validation the final model is the best
     pos.history.append({"train_seconds": time.perf_counter() - started, "examples": examples})
     return pos
 
 
-def _evaluate(config, model, data, inputs, device, precision, pos, run_dir, writer) -> bool:
+def _evaluate(config, model, data, inputs, device, precision, pos, run_dir, writer, par: Parallel) -> bool:
     """Score dev, keep the best model; True when early stopping should end training."""
     metrics = evaluate_split(
-        model, data.splits["dev"], inputs, device, precision, config.train.eval_batch_size
+        model, data.splits["dev"], inputs, device, precision, config.train.eval_batch_size, parallel=par
     )
     p1 = metrics["P@1"]
     pos.history[-1].update({f"dev/{k}": v for k, v in metrics.items()})
@@ -332,7 +344,7 @@ def _evaluate(config, model, data, inputs, device, precision, pos, run_dir, writ
     )
     if improved:
         pos.best, pos.evals_since_best = p1, 0
-        save_model(model, run_dir / "best.safetensors")
+        par.save_model(model, run_dir / "best.safetensors")
     else:
         pos.evals_since_best += 1
     return bool(config.train.patience) and pos.evals_since_best >= config.train.patience

@@ -22,11 +22,11 @@ from xmc.data.atomic import atomic_open
 from xmc.encoders import build_encoder_and_inputs
 from xmc.metrics import PROPENSITY_PRESETS, evaluate, format_table, inv_propensity
 from xmc.predictions import save_predictions
-from xmc.train.checkpoint import load_model
 from xmc.train.data import load_data
 from xmc.train.evaluation import evaluate_split, most_frequent_topk, predict_split
 from xmc.train.loop import train
 from xmc.train.model import XMCModel, build_classifier
+from xmc.train.parallel import Parallel
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def build_model(config: Config, encoder, num_labels: int, clusters: np.ndarray |
     width = encoder.out_features
     intermediate = None
     if config.classifier.intermediate:
-        intermediate = torch.nn.Linear(width, config.classifier.intermediate)
+        intermediate = _intermediate(config, width)
         width = config.classifier.intermediate
     classifier = build_classifier(config.classifier, width, num_labels, config.seed)
     meta = None
@@ -60,6 +60,24 @@ def build_model(config: Config, encoder, num_labels: int, clusters: np.ndarray |
 
         meta = MetaHead(width, torch.from_numpy(clusters), config.classifier.meta.clusters)
     return XMCModel(encoder, classifier, intermediate, meta)
+
+
+def _intermediate(config: Config, width: int) -> torch.nn.Module:
+    """The layer between encoder and classifier: dense, or fixed fan-in (rewired, SRigL ablation)."""
+    cfg = config.classifier
+    if not cfg.intermediate_fan_in:
+        return torch.nn.Linear(width, cfg.intermediate)
+    if cfg.intermediate_fan_in > width:
+        raise ValueError(
+            f"classifier.intermediate_fan_in={cfg.intermediate_fan_in} exceeds the encoder width {width}"
+        )
+    if cfg.set.gamma and (not cfg.set.enabled or cfg.set.regrow != "gradient"):
+        raise ValueError(
+            "classifier.set.gamma > 0 (neuron ablation) needs set.enabled and set.regrow=gradient"
+        )
+    from xmc.nn import AblatableFixedFanInLinear
+
+    return AblatableFixedFanInLinear(width, cfg.intermediate, cfg.intermediate_fan_in, seed=config.seed + 1)
 
 
 def _label_clusters(config: Config, data, inputs) -> np.ndarray:
@@ -91,16 +109,29 @@ def run_training(
     config_name: str | None = None,
     step_hook=None,
 ) -> dict:
-    """Train per ``config`` into ``run_dir``; returns the metrics written to ``metrics.json``."""
+    """Train per ``config`` into ``run_dir``; returns the metrics written to ``metrics.json``.
+
+    Under ``torchrun`` / ``accelerate launch`` every process runs this; they join one process group
+    (:mod:`xmc.distributed`) and train in ``train.parallel`` mode; rank 0 writes the run folder."""
+    from xmc import distributed
+
+    owns_group = distributed.launched() and not torch.distributed.is_initialized()
+    place, device = distributed.setup(config.train.device)
+    par = Parallel(place, config.train.parallel)
+    if place.active:
+        _check_parallel(config)
+    if not place.is_main:  # one process speaks for the run
+        logging.getLogger("xmc").setLevel(logging.WARNING)
+        progress = False
     torch.manual_seed(config.seed)
     stem = Path(config_name).stem if config_name else "default"
     run = Path(run_dir) if run_dir else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}"
+    run = Path(distributed.broadcast_object(place, str(run)))  # rank 0's clock names the run
     if resume and not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{run}: no run to resume here (config.yaml missing)")
     if not resume and (run / "latest").exists():
         raise ValueError(f"{run} already holds a run: continue it with --resume, or choose another --run-dir")
     run.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.train.device)
     precision = resolve_precision(config.train.precision, device)
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("train.precision=bf16 but this GPU has no bf16: use fp16 or no")
@@ -109,10 +140,11 @@ def run_training(
     data = load_data(config.data, config.seed)
     encoder, inputs = build_encoder_and_inputs(config.encoder, data.sources, progress=progress)
     clusters = _label_clusters(config, data, inputs) if config.classifier.meta.enabled else None
-    model = build_model(config, encoder, data.num_labels, clusters).to(device)
-    save_config(config, run / "config.yaml")
-    _write_json(run / "model.json", _model_card(config, model, data))
-    if config.encoder.type == "transformer":  # the run must rebuild its encoder without the source folder
+    model = par.prepare(build_model(config, encoder, data.num_labels, clusters), device)  # label shard
+    if place.is_main:
+        save_config(config, run / "config.yaml")
+        _write_json(run / "model.json", _model_card(config, model, data))
+    if config.encoder.type == "transformer" and place.is_main:  # rebuilt later without the source folder
         from xmc.encoders import load_tokenizer, resolve_model_path
 
         model.encoder.model.config.save_pretrained(run / "encoder")
@@ -150,9 +182,10 @@ def run_training(
         meta_weight_fn=meta_weight_fn,
         progress=progress,
         step_hook=step_hook,
+        parallel=par,
     )
     train_seconds = time.perf_counter() - train_started
-    load_model(model, run / "best.safetensors")
+    par.load_model(model, run / "best.safetensors")
 
     Y_train = data.splits["train"].Y
     A, B = PROPENSITY_PRESETS[config.data.propensity]
@@ -160,11 +193,14 @@ def run_training(
     batch = config.train.eval_batch_size
     results: dict = {}
     if "dev" in data.splits:
-        results["dev"] = evaluate_split(model, data.splits["dev"], inputs, device, precision, batch, inv_prop)
+        results["dev"] = evaluate_split(
+            model, data.splits["dev"], inputs, device, precision, batch, inv_prop, parallel=par
+        )
     if "test" in data.splits:
         test = data.splits["test"]
-        scores, ids = predict_split(model, test, inputs, device, precision, batch, PREDICT_K)
-        save_predictions(run / "predictions.npz", scores, ids)
+        scores, ids = predict_split(model, test, inputs, device, precision, batch, PREDICT_K, par)
+        if place.is_main:
+            save_predictions(run / "predictions.npz", scores, ids)
         results["test"] = evaluate(test.Y, ids, inv_prop=inv_prop, exclude=test.exclude)
         baseline = most_frequent_topk(Y_train, len(test.rows), 5 + _exclude_width(test))
         results["baseline_most_frequent"] = evaluate(test.Y, baseline, exclude=test.exclude)
@@ -181,11 +217,31 @@ def run_training(
         classifier_bytes=model.classifier_bytes(),
         device=_device_name(device),
         precision=precision,
+        world_size=place.world,
+        parallel=config.train.parallel if place.active else "none",
         history=[h for h in position.history if "epoch" in h],
     )
-    _write_json(run / "metrics.json", results)
-    _report(run, results)
+    if place.is_main:
+        _write_json(run / "metrics.json", results)
+        _report(run, results)
+    distributed.barrier(place)
+    if owns_group:
+        distributed.shutdown()
     return results
+
+
+def _check_parallel(config: Config) -> None:
+    """What multi-process training does not do (yet), said before any work starts."""
+    s = config.classifier.set
+    if (
+        s.enabled
+        and s.regrow == "gradient"
+        and (config.classifier.type == "fixed_fanin" or config.classifier.intermediate_fan_in)
+    ):
+        raise ValueError(
+            "classifier.set.regrow=gradient runs in a single process only (it ranks regrowth by one "
+            "rank's batch): use classifier.set.regrow=random under torchrun / accelerate launch"
+        )
 
 
 def _exclude_width(split) -> int:

@@ -1,0 +1,265 @@
+"""Condensed models: a run's fixed fan-in layers as values + ids, for CPU prediction without training.
+
+``xmc export --run RUN --out DIR`` writes a folder that :func:`xmc.load` reads like a run folder:
+
+- ``config.yaml`` and ``model.json`` (copied; the card gains a ``condensed`` entry with byte counts);
+- ``condensed.safetensors``: ``encoder.*`` (the encoder's state), ``intermediate.*`` (``values`` /
+  ``ids`` / ``neurons`` / ``bias`` for a fixed fan-in layer, only the surviving neurons after SRigL
+  ablation; ``weight`` / ``bias`` for a dense one), and ``classifier.values`` (L, K) float32,
+  ``classifier.ids`` (L, K) int16 or int32, ``classifier.bias`` (L,);
+- ``condensed.extra.json`` (the bag-of-words vocabulary) and ``encoder/`` (a transformer's config and
+  tokenizer), as in a run folder.
+
+Prediction needs none of the training stack (no optimizer, kernels, Triton or autograd): each label
+chunk is a CSR matrix with K entries per row over the same value and id arrays (no copy), multiplied
+with the (D, B) representations by SciPy, and merged into a running top-k
+(:class:`~xmc.topk.TopKAccumulator`). Memory beyond the model: one (chunk, B) score block and the
+(B, k) top-k, so any label count fits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from safetensors.torch import load_file, save_file
+
+from xmc.config import load_config
+from xmc.encoders import FeaturesInputs, Inputs, SplitSource, build_token_inputs
+from xmc.topk import TopKAccumulator
+
+CONDENSED = "condensed.safetensors"
+SCORE_ELEMENTS = 1 << 22  # scores held per label chunk: chunk x B <= this many (16 MiB in fp32)
+
+
+class SparseRows:
+    """``y = x W^T + b`` for a (n, K) fixed fan-in ``values`` / ``ids`` pattern, on SciPy CSR.
+
+    ``neurons`` (optional, (n,) increasing) places row i at output ``neurons[i]`` of an ``out_features``
+    wide result (zeros elsewhere); without it the rows are the outputs."""
+
+    def __init__(
+        self,
+        values: np.ndarray,
+        ids: np.ndarray,
+        bias: np.ndarray | None,
+        in_features: int,
+        out_features: int | None = None,
+        neurons: np.ndarray | None = None,
+    ) -> None:
+        self.values = np.ascontiguousarray(values, np.float32)
+        self.rows, self.fan_in = values.shape
+        # SciPy's index types: int32 (int16 ids are widened once here) while the entries fit, else int64.
+        index = np.int32 if (self.rows + 1) * self.fan_in < 2**31 else np.int64
+        self.ids = np.ascontiguousarray(ids, index)
+        self.bias = None if bias is None else np.asarray(bias, np.float32)
+        self.in_features = in_features
+        self.out_features = out_features or self.rows
+        self.neurons = neurons
+        # Row r's entries sit at r*K .. r*K+K-1; a chunk's row pointers are this array's prefix.
+        self._indptr = np.arange(0, (self.rows + 1) * self.fan_in, self.fan_in, dtype=index)
+
+    def block(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start..stop-1`` as a (stop - start, D) CSR matrix sharing this layer's arrays."""
+        a, b = start * self.fan_in, stop * self.fan_in
+        shape = (stop - start, self.in_features)
+        return sp.csr_matrix(
+            (self.values.ravel()[a:b], self.ids.ravel()[a:b], self._indptr[: stop - start + 1]),
+            shape=shape,
+            copy=False,
+        )
+
+    def scores(self, xt: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """(stop - start, B) outputs of rows ``start..stop-1`` for inputs given transposed, (D, B)."""
+        out = np.asarray(self.block(start, stop) @ xt, dtype=np.float32)
+        if self.bias is not None:
+            out += self.bias[start:stop, None]
+        return out
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """(B, D) -> (B, out_features), for a layer small enough to compute whole."""
+        rows = self.scores(np.ascontiguousarray(x.T), 0, self.rows).T
+        if self.neurons is None:
+            return np.ascontiguousarray(rows)
+        full = np.zeros((x.shape[0], self.out_features), np.float32)
+        full[:, self.neurons] = rows
+        return full
+
+    def topk(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` outputs of each row of ``x`` (B, D): ``(scores float32 (B, k), ids int32 (B, k))``,
+        best first, ties to the lower id, in label chunks of ``SCORE_ELEMENTS // B`` rows."""
+        batch = x.shape[0]
+        xt = np.ascontiguousarray(x.T, np.float32)
+        best = TopKAccumulator(batch, k)
+        step = max(1, min(self.rows, SCORE_ELEMENTS // max(batch, 1)))
+        for start in range(0, self.rows, step):
+            stop = min(start + step, self.rows)
+            best.update(self.scores(xt, start, stop).T, slice(0, batch), start)
+        return best.result()
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.nbytes + self.ids.nbytes + (0 if self.bias is None else self.bias.nbytes)
+
+
+def export_condensed(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
+    """Write the condensed form of the best model of ``run_dir`` into ``out_dir`` (a new folder);
+    returns the byte counts recorded in its ``model.json``. Needs a fixed fan-in classifier."""
+    from xmc.api import Predictor
+    from xmc.classifiers import FixedFanInClassifier
+    from xmc.nn import AblatableFixedFanInLinear, FixedFanInLinear
+
+    run, out = Path(run_dir), Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty: choose another --out or remove it")
+    model = Predictor(run, device="cpu").model
+    if not isinstance(model.classifier, FixedFanInClassifier):
+        raise ValueError(
+            f"{run}: the classifier is {type(model.classifier).__name__}, not fixed fan-in; only fixed "
+            "fan-in layers condense (train with classifier.type=fixed_fanin)"
+        )
+    state = model.encoder.state_dict()
+    tensors = {f"encoder.{k}": v.detach().contiguous() for k, v in state.items() if torch.is_tensor(v)}
+    extra = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+    layers = {"classifier": model.classifier.layer}
+    if model.intermediate is not None:
+        layers["intermediate"] = model.intermediate
+    sizes = {"encoder": sum(v.numel() * v.element_size() for v in tensors.values())}
+    for name, layer in layers.items():
+        if isinstance(layer, FixedFanInLinear):
+            part = {"values": layer.weight.detach().float(), "ids": layer.indices}
+            if isinstance(layer, AblatableFixedFanInLinear):
+                part["neurons"] = layer.neurons
+        else:  # a dense intermediate layer
+            part = {"weight": layer.weight.detach().float()}
+        if layer.bias is not None:
+            part["bias"] = layer.bias.detach().float()
+        sizes[name] = sum(v.numel() * v.element_size() for v in part.values())
+        tensors.update({f"{name}.{k}": v.contiguous() for k, v in part.items()})
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / CONDENSED))
+    if extra:
+        (tmp / "condensed.extra.json").write_text(json.dumps(extra))
+    shutil.copy(run / "config.yaml", tmp / "config.yaml")
+    if (run / "encoder").is_dir():
+        shutil.copytree(run / "encoder", tmp / "encoder")
+    card = json.loads((run / "model.json").read_text())
+    card["condensed"] = {"bytes": sizes, "source_run": str(run.resolve())}
+    (tmp / "model.json").write_text(json.dumps(card, indent=1))
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    return sizes
+
+
+class CondensedPredictor:
+    """A condensed model (see the module docstring) behind :class:`xmc.api.Predictor`'s methods."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        for name in ("config.yaml", "model.json", CONDENSED):
+            if not (folder / name).exists():
+                raise FileNotFoundError(f"{folder}: {name} missing; write the folder with `xmc export`")
+        self.run_dir = folder
+        self.config = load_config(folder / "config.yaml")
+        self.card = json.loads((folder / "model.json").read_text())
+        self.label_names: list[str] | None = self.card.get("label_names")
+        tensors = load_file(str(folder / CONDENSED))
+        self.encoder, self.tokenizer = encoder_from_card(self.config, self.card, folder)
+        state: dict = {k.removeprefix("encoder."): v for k, v in tensors.items() if k.startswith("encoder.")}
+        if (folder / "condensed.extra.json").exists():
+            state.update(json.loads((folder / "condensed.extra.json").read_text()))
+        self.encoder.load_state_dict(state)
+        self.encoder.eval()
+        width = self.encoder.out_features
+        self.intermediate = None
+        if "intermediate.values" in tensors or "intermediate.weight" in tensors:
+            self.intermediate = _layer(tensors, "intermediate", width, self.config.classifier.intermediate)
+            width = self.config.classifier.intermediate
+        self.classifier = _layer(tensors, "classifier", width, self.card["num_labels"])
+
+    def inputs(self, source: SplitSource, progress: bool = False) -> Inputs:
+        """Encoder inputs for new documents (raw text, bag-of-words counts or embeddings)."""
+        kind = self.config.encoder.type
+        if kind == "bow":
+            texts = source.texts() if source.texts is not None else None
+            return self.encoder.inputs_for(X=source.X, texts=texts)
+        if kind == "features":
+            return FeaturesInputs(source.features)
+        return build_token_inputs(source, self.tokenizer, self.config.encoder.max_length, progress)
+
+    @torch.inference_mode()
+    def represent(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
+        """(B, D) float32 inputs of the classifier."""
+        h = self.encoder(batch).float().numpy()
+        return h if self.intermediate is None else self.intermediate(h)
+
+    def topk(self, inputs: Inputs, k: int, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores float32 (N, k), ids int32 (N, k))`` best first over all labels."""
+        batch_size = batch_size or self.config.train.eval_batch_size
+        scores = np.empty((len(inputs), k), np.float32)
+        ids = np.empty((len(inputs), k), np.int32)
+        for start in range(0, len(inputs), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(inputs)))
+            scores[rows], ids[rows] = self.classifier.topk(self.represent(inputs.batch(rows)), k)
+        return scores, ids
+
+    def predict(self, texts: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
+        """Top ``k`` (label name, score) pairs for each raw text (label ids as names when unnamed)."""
+        from xmc.api import top_pairs
+
+        if self.config.encoder.type == "features":
+            raise ValueError(
+                "this model reads precomputed embeddings: compute them with `xmc embed`, then topk()"
+            )
+        texts = list(texts)
+        return top_pairs(self, *self.topk(self.inputs(SplitSource(texts=lambda: texts)), k))
+
+    def label_name(self, label: int) -> str:
+        return self.label_names[label] if self.label_names else str(label)
+
+
+def encoder_from_card(config, card: dict, folder: Path) -> tuple[torch.nn.Module, object | None]:
+    """``(encoder, tokenizer)`` of a run (or condensed) folder, built without the training data; the
+    weights are not loaded; the tokenizer is None but for a transformer."""
+    cfg = config.encoder
+    if cfg.type == "bow":
+        from xmc.encoders import BowEncoder
+
+        return BowEncoder(card["encoder_num_features"], cfg.dim, cfg.dropout), None
+    if cfg.type == "features":
+        from xmc.encoders import FeaturesEncoder
+
+        return FeaturesEncoder(card["encoder_out_features"], cfg.dropout), None
+    from transformers import AutoConfig, AutoTokenizer
+
+    from xmc.encoders import TransformerEncoder
+
+    hf_config = AutoConfig.from_pretrained(folder / "encoder", local_files_only=True)
+    encoder = TransformerEncoder.from_config(hf_config, cfg.pooling, cfg.dropout)
+    return encoder, AutoTokenizer.from_pretrained(folder / "encoder", local_files_only=True)
+
+
+def _layer(tensors: dict, name: str, in_features: int, out_features: int):
+    bias = tensors.get(f"{name}.bias")
+    bias = None if bias is None else bias.numpy()
+    if f"{name}.weight" in tensors:  # dense intermediate layer
+        weight = tensors[f"{name}.weight"].numpy()
+        return lambda x: x @ weight.T + (0 if bias is None else bias)
+    neurons = tensors.get(f"{name}.neurons")
+    return SparseRows(
+        tensors[f"{name}.values"].numpy(),
+        tensors[f"{name}.ids"].numpy(),
+        bias,
+        in_features,
+        out_features,
+        None if neurons is None else neurons.numpy(),
+    )

@@ -1,0 +1,375 @@
+"""FiPS: a transformer's MLP weights as one shared dense base times sparse per-layer factors.
+
+Block l's MLP is ``y = W2_l act(W1_l x + b1_l) + b2_l`` with ``W1_l`` (I, D) and ``W2_l`` (D, I); I = 4 D
+in BERT. In the D x I orientation both weights live in the same D-dimensional space: ``W1_l^T`` and
+``W2_l`` are D x I. A group of g consecutive blocks stacks its 2 g matrices side by side,
+
+    M = [W1_a^T, W2_a, W1_b^T, W2_b, ...]            (D, 2 g I)
+    M ~ U_r S_r Vh_r                                  truncated SVD, rank r <= D
+
+and shares the base ``U = U_r`` (D, r) among them; matrix j keeps the factor
+``V_j = S_r Vh_r[:, j I:(j + 1) I]`` (r, I), so ``W1_l^T ~ U V_2l`` and ``W2_l ~ U V_2l+1``. Every factor
+is then sparse with exactly ``round(s r I)`` zeros (sparsity s), stored as CSR: fp32 values, column ids
+(int16 when I <= 32767, else int32) and int32 row pointers. With r = D and s = 0 the factorization is
+exact. Biases stay dense, uncompressed and are counted apart.
+
+Parameters of a group: ``D r + sum_j nnz(V_j)`` with ``nnz = r I - round(s r I)``. A budget p is a
+fraction of the original MLP weights (biases excluded): r is the largest rank <= D with
+``D r + 2 g nnz(r) <= p 2 g D I``.
+
+Forward of a compressed linear, x (T, D) or h (T, I), never forming the D x I weight:
+
+    first linear:  y = (x U) V_j + b           (T, r), then (T, I)
+    second linear: y = (h V_j^T) U^T + b       (T, r), then (T, D)
+
+The factors are fitted in :mod:`xmc.fips_fit`. A compressed model is saved as a standard Hugging Face
+folder whose MLP weights are the dense products (any tool loads it), whose ``config.json`` carries the
+structure under ``xmc_fips``, plus ``fips.safetensors`` (the base and factors) and ``fips.json`` (the
+summary). :class:`xmc.encoders.TransformerEncoder` sees ``xmc_fips`` and swaps the compressed linears
+back in, so training keeps the compressed parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FIPS_KEY = "xmc_fips"  # config.json entry that marks a FiPS model and gives its structure
+FIPS_FILE = "fips.safetensors"
+SUMMARY_FILE = "fips.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MLPBlock:
+    """Where block ``layer``'s MLP lives: ``(parent, attribute)`` of its two linears, and its activation."""
+
+    layer: int
+    first: tuple[nn.Module, str]
+    second: tuple[nn.Module, str]
+    activation: Callable[[torch.Tensor], torch.Tensor]
+
+    def linears(self) -> tuple[nn.Module, nn.Module]:
+        return getattr(*self.first), getattr(*self.second)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP without dropout, residual or LayerNorm: (T, D) -> (T, D)."""
+        first, second = self.linears()
+        return second(self.activation(first(x)))
+
+
+def mlp_blocks(model: nn.Module) -> list[MLPBlock]:
+    """The MLP of every layer of a BERT-style (``encoder.layer[i].intermediate`` / ``.output``: BERT,
+    RoBERTa, MiniLM, ELECTRA) or DistilBERT-style (``transformer.layer[i].ffn``) base model."""
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if layers is not None and all(hasattr(x, "intermediate") and hasattr(x, "output") for x in layers):
+        return [
+            MLPBlock(i, (x.intermediate, "dense"), (x.output, "dense"), x.intermediate.intermediate_act_fn)
+            for i, x in enumerate(layers)
+        ]
+    layers = getattr(getattr(model, "transformer", None), "layer", None)
+    if layers is not None and all(hasattr(x, "ffn") for x in layers):
+        return [MLPBlock(i, (x.ffn, "lin1"), (x.ffn, "lin2"), x.ffn.activation) for i, x in enumerate(layers)]
+    raise ValueError(
+        f"{type(model).__name__}: FiPS compresses BERT-style models (encoder.layer[i].intermediate/output) "
+        "and DistilBERT-style models (transformer.layer[i].ffn); this architecture is neither"
+    )
+
+
+def make_groups(layers: int, group_size: int) -> list[list[int]]:
+    """Consecutive blocks in groups of ``group_size`` (the last one may be smaller)."""
+    if group_size < 1:
+        raise ValueError(f"the group size must be at least 1, got {group_size}")
+    return [list(range(i, min(i + group_size, layers))) for i in range(0, layers, group_size)]
+
+
+def kept(numel: int, sparsity: float) -> int:
+    """Nonzeros of a factor of ``numel`` entries at ``sparsity``: exactly ``numel - round(s numel)``."""
+    return numel - round(sparsity * numel)
+
+
+def group_parameters(hidden: int, intermediate: int, matrices: int, rank: int, sparsity: float) -> int:
+    """``D r + sum_j nnz(V_j)``: a group's compressed weights (its base and its factors' nonzeros)."""
+    return hidden * rank + matrices * kept(rank * intermediate, sparsity)
+
+
+def rank_for_budget(hidden: int, intermediate: int, matrices: int, budget: float, sparsity: float) -> int:
+    """The largest rank r <= D whose group keeps at most ``budget`` of the ``matrices`` dense D x I
+    weights: ``r = floor(p 2 g D I / (D + (1 - s) 2 g I))``, lowered while rounding overshoots."""
+    allowed = budget * matrices * hidden * intermediate
+    rank = min(hidden, math.floor(allowed / (hidden + (1 - sparsity) * matrices * intermediate)))
+    while rank > 0 and group_parameters(hidden, intermediate, matrices, rank, sparsity) > allowed:
+        rank -= 1
+    if rank < 1:
+        smallest = group_parameters(hidden, intermediate, matrices, 1, sparsity) / (allowed / budget)
+        raise ValueError(
+            f"a budget of {budget:g} of the MLP weights is too small for rank 1 at sparsity {sparsity:g} "
+            f"(rank 1 keeps {smallest:.3g}): raise the budget or the sparsity"
+        )
+    return rank
+
+
+def svd_factors(matrices: list[torch.Tensor], rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Shared base ``U`` (D, r) and factors ``V_j`` (r, I) with ``matrices[j] ~ U V_j``, from a truncated
+    SVD of the D x (n I) concatenation (in float64; returned in float32). The singular values are folded
+    into the factors, so U has orthonormal columns."""
+    stacked = torch.cat([m.detach().double() for m in matrices], dim=1)  # (D, n I)
+    u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
+    factors = (s[:rank, None] * vh[:rank]).float()  # (r, n I)
+    return u[:, :rank].float().contiguous(), [f.contiguous() for f in factors.split(matrices[0].shape[1], 1)]
+
+
+def magnitude_mask(factor: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Boolean mask keeping the ``kept(numel, sparsity)`` largest-magnitude entries of ``factor``."""
+    keep = kept(factor.numel(), sparsity)
+    mask = torch.zeros(factor.numel(), dtype=torch.bool, device=factor.device)
+    mask[factor.detach().abs().flatten().topk(keep, sorted=False).indices] = True
+    return mask.view_as(factor)
+
+
+class FipsLinear(nn.Module):
+    """A linear layer whose weight is ``U V`` (``first``: ``W^T = U V``; ``second``: ``W = U V``), with
+    the base U shared through ``bases[group]`` and V (r, I) a CSR matrix: ``values`` (nnz,) parameter,
+    ``cols`` (nnz,) and ``crow`` (r + 1,) buffers. ``forward``: (..., in_features) -> (..., out_features).
+
+    The bases live once on the model's root (``model.fips_bases``) so each is one parameter; a layer
+    reads it through an unregistered reference.
+    """
+
+    def __init__(
+        self, bases: nn.ParameterList, group: int, kind: str, nnz: int, width: int, bias: bool
+    ) -> None:
+        super().__init__()
+        if kind not in ("first", "second"):
+            raise ValueError(f"kind must be first or second, got {kind!r}")
+        object.__setattr__(self, "_bases", bases)  # not a submodule: saved once, on the root
+        self.group, self.kind, self.width = group, kind, width
+        rank, hidden = bases[group].shape[1], bases[group].shape[0]
+        self.in_features, self.out_features = (hidden, width) if kind == "first" else (width, hidden)
+        index = torch.int16 if width <= torch.iinfo(torch.int16).max else torch.int32
+        # A valid placeholder layout (the first nnz entries in row-major order) until real factors load.
+        flat = torch.arange(nnz)
+        self.values = nn.Parameter(torch.zeros(nnz))
+        self.register_buffer("cols", (flat % width).to(index))
+        self.register_buffer("crow", torch.arange(rank + 1).mul(width).clamp(max=nnz).to(torch.int32))
+        self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
+
+    @property
+    def base(self) -> torch.Tensor:
+        return self._bases[self.group]
+
+    def set_factor(self, factor: torch.Tensor, mask: torch.Tensor) -> None:
+        """Store ``factor`` (r, I) at the nonzeros of ``mask`` (the nnz must match)."""
+        rows, cols = mask.nonzero(as_tuple=True)  # row-major, as CSR wants
+        if rows.numel() != self.values.numel():
+            raise ValueError(f"mask has {rows.numel()} nonzeros, the layer holds {self.values.numel()}")
+        counts = torch.bincount(rows, minlength=factor.shape[0])
+        with torch.no_grad():
+            self.values.copy_(factor[rows, cols])
+            self.cols.copy_(cols.to(self.cols.dtype))
+            self.crow.copy_(torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32))
+
+    def factor(self) -> torch.Tensor:
+        """V as a dense (r, I) tensor (zeros off the pattern), differentiable in ``values``."""
+        rank = self.crow.numel() - 1
+        rows = torch.repeat_interleave(
+            torch.arange(rank, device=self.crow.device),
+            self.crow.diff().long(),
+            output_size=self.cols.numel(),
+        )
+        flat = rows * self.width + self.cols.long()
+        dense = self.values.new_zeros(rank * self.width).scatter(0, flat, self.values)
+        return dense.view(rank, self.width)
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The dense weight in ``nn.Linear`` orientation, (out_features, in_features)."""
+        product = self.base @ self.factor()  # (D, I)
+        return product.t() if self.kind == "first" else product
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base, factor = self.base, self.factor()
+        y = (x @ base) @ factor if self.kind == "first" else (x @ factor.t()) @ base.t()
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_features} -> {self.out_features}, {self.kind}, group {self.group}, "
+            f"rank {self.base.shape[1]}, nnz {self.values.numel()}"
+        )
+
+
+def attach_fips(model: nn.Module, structure: dict) -> list[tuple[FipsLinear, FipsLinear]]:
+    """Replace every MLP's two linears by :class:`FipsLinear` layers of ``structure`` (the
+    ``xmc_fips`` entry: ``groups``, ``ranks``, ``nnz`` per layer) holding placeholder values; returns
+    the (first, second) pair per layer. Also records ``structure`` in ``model.config``."""
+    blocks = mlp_blocks(model)
+    first = blocks[0].linears()[0]
+    if isinstance(first, FipsLinear):
+        raise ValueError("this model's MLPs are already FiPS-compressed")
+    hidden, width = first.in_features, first.out_features
+    covered = sorted(layer for group in structure["groups"] for layer in group)
+    if covered != list(range(len(blocks))):
+        raise ValueError(f"FiPS groups {structure['groups']} must cover the {len(blocks)} layers once each")
+    reference = first.weight
+    model.fips_bases = nn.ParameterList(
+        nn.Parameter(torch.zeros(hidden, r, dtype=reference.dtype, device=reference.device))
+        for r in structure["ranks"]
+    )
+    pairs: list[tuple[FipsLinear, FipsLinear] | None] = [None] * len(blocks)
+    for g, group in enumerate(structure["groups"]):
+        for layer in group:
+            block = blocks[layer]
+            made = []
+            for (parent, name), kind, nnz in zip(
+                (block.first, block.second), ("first", "second"), structure["nnz"][layer], strict=True
+            ):
+                old = getattr(parent, name)
+                new = FipsLinear(model.fips_bases, g, kind, nnz, width, old.bias is not None)
+                new.to(device=reference.device, dtype=reference.dtype)
+                if old.bias is not None:
+                    new.bias.data.copy_(old.bias.detach())
+                setattr(parent, name, new)
+                made.append(new)
+            pairs[layer] = (made[0], made[1])
+    if hasattr(model, "config"):
+        setattr(model.config, FIPS_KEY, structure)
+    return pairs  # type: ignore[return-value]
+
+
+def fips_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The compressed tensors of ``model``'s state dict: the bases and every FipsLinear's CSR and bias."""
+    names = {f"{name}." for name, m in model.named_modules() if isinstance(m, FipsLinear)}
+    return {
+        key: value.detach().contiguous().cpu()
+        for key, value in model.state_dict().items()
+        if key.startswith("fips_bases.") or key[: key.rfind(".") + 1] in names
+    }
+
+
+def load_fips(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Attach the FiPS layers that ``model.config.xmc_fips`` describes and load them from
+    ``folder/fips.safetensors``."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / FIPS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{folder}: config.json marks a FiPS-compressed model but {FIPS_FILE} is missing; copy the "
+            "whole folder written by xmc compress-encoder"
+        )
+    attach_fips(model, getattr(model.config, FIPS_KEY))
+    tensors = load_file(str(path))
+    expected = set(fips_state(model))
+    if set(tensors) != expected:
+        odd = sorted(expected.symmetric_difference(tensors))[:3]
+        raise ValueError(f"{path} does not match the structure in config.json (keys {odd})")
+    model.load_state_dict(tensors, strict=False)
+
+
+def materialize(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with each FipsLinear turned back into an ``nn.Linear`` of weight ``U V``."""
+    dense = copy.deepcopy(model)
+    for block in mlp_blocks(dense):
+        for parent, name in (block.first, block.second):
+            layer = getattr(parent, name)
+            if not isinstance(layer, FipsLinear):
+                continue
+            linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            linear.to(device=layer.values.device, dtype=layer.values.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(layer.weight_matrix())
+                if layer.bias is not None:
+                    linear.bias.copy_(layer.bias)
+            setattr(parent, name, linear)
+    if hasattr(dense, "fips_bases"):
+        del dense.fips_bases
+    return dense
+
+
+def describe(model: nn.Module) -> dict:
+    """Parameters and bytes per component of a FiPS model: ``base``, ``factor_values``, ``factor_indices``
+    (bytes only: not trained), ``mlp_biases``, ``rest`` (everything else, the pooler excluded: the
+    encoder drops it), with ``original_mlp_weights`` and ``mlp_weight_fraction`` for reference."""
+    layers = [m for m in model.modules() if isinstance(m, FipsLinear)]
+    if not layers:
+        raise ValueError("this model has no FiPS layers")
+
+    def size(tensors) -> tuple[int, int]:
+        tensors = list(tensors)
+        return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
+
+    compressed = {id(p) for m in layers for p in m.parameters()} | {id(p) for p in model.fips_bases}
+    parts = {
+        "base": size(model.fips_bases),
+        "factor_values": size(m.values for m in layers),
+        "factor_indices": (0, size([t for m in layers for t in (m.cols, m.crow)])[1]),
+        "mlp_biases": size(m.bias for m in layers if m.bias is not None),
+        "rest": size(
+            p
+            for name, p in model.named_parameters()
+            if id(p) not in compressed and not name.startswith("pooler.")
+        ),
+    }
+    original = sum(m.in_features * m.out_features for m in layers)
+    weights = parts["base"][0] + parts["factor_values"][0]
+    return {
+        "parameters": {k: v[0] for k, v in parts.items() if k != "factor_indices"},
+        "bytes": {k: v[1] for k, v in parts.items()},
+        "total_parameters": sum(v[0] for v in parts.values()),
+        "total_bytes": sum(v[1] for v in parts.values()),
+        "original_mlp_weights": original,
+        "mlp_weights": weights,
+        "mlp_weight_fraction": weights / original,
+    }
+
+
+def save_compressed(model: nn.Module, tokenizer, folder: str | os.PathLike, summary: dict) -> dict:
+    """Write ``folder``: the dense reconstruction as a Hugging Face model (``config.json`` with
+    ``xmc_fips``, ``model.safetensors``), the tokenizer, ``fips.safetensors`` and ``fips.json``
+    (``summary`` plus :func:`describe`). Returns what ``fips.json`` holds."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    structure = getattr(model.config, FIPS_KEY)
+    dense = materialize(model)
+    setattr(dense.config, FIPS_KEY, structure)
+    dense.save_pretrained(str(folder))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    save_file(fips_state(model), str(folder / FIPS_FILE), metadata={"format": f"xmc-fips-{FORMAT_VERSION}"})
+    full = {"method": "fips", "version": FORMAT_VERSION, **summary, "structure": structure, **describe(model)}
+    (folder / SUMMARY_FILE).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+    return full
+
+
+def format_summary(summary: dict) -> str:
+    """Terminal lines: parameters and bytes per component, and the per-block reconstruction error."""
+    from xmc.memory import human
+
+    params, sizes = summary["parameters"], summary["bytes"]
+    lines = [
+        f"MLP weights {summary['mlp_weights']:,} of {summary['original_mlp_weights']:,} "
+        f"({100 * summary['mlp_weight_fraction']:.1f}%), ranks {summary['structure']['ranks']}, "
+        f"sparsity {summary['structure']['sparsity']:g}",
+        f"{'component':<16}{'parameters':>14}{'bytes':>12}",
+    ]
+    for name in ("base", "factor_values", "factor_indices", "mlp_biases", "rest"):
+        count = f"{params[name]:,}" if name in params else "-"
+        lines.append(f"{name.replace('_', ' '):<16}{count:>14}{human(sizes[name]):>12}")
+    lines.append(f"{'total':<16}{summary['total_parameters']:>14,}{human(summary['total_bytes']):>12}")
+    errors = summary.get("reconstruction", {}).get("relative_mse")
+    if errors:
+        svd = summary["reconstruction"]["relative_mse_svd"]
+        lines.append("per-block relative MSE on held-out tokens (fitted / SVD + one-shot pruning):")
+        pairs = enumerate(zip(errors, svd, strict=True))
+        lines.append("  " + "  ".join(f"{i}: {e:.4f} / {s:.4f}" for i, (e, s) in pairs))
+    return "\n".join(lines)
