@@ -205,7 +205,8 @@ def test_plan_from_a_bow_config_reads_the_header(tmp_path):
     assert p.encoder.num_parameters() == 50 * 32 + 32
 
 
-def test_encoder_spec_from_a_local_folder_counts_the_safetensors(tmp_path):
+def _tiny_bert_model():
+    """A random BERT of TINY's shape (8 wide, 1 layer), as a Hugging Face model."""
     from transformers import BertConfig, BertModel
 
     hf = BertConfig(
@@ -216,7 +217,11 @@ def test_encoder_spec_from_a_local_folder_counts_the_safetensors(tmp_path):
         intermediate_size=16,
         max_position_embeddings=4,
     )
-    model = BertModel(hf)
+    return BertModel(hf)
+
+
+def test_encoder_spec_from_a_local_folder_counts_the_safetensors(tmp_path):
+    model = _tiny_bert_model()
     model.save_pretrained(tmp_path)
     spec = encoder_spec(str(tmp_path))
     assert spec.hidden == 8 and spec.layers == 1
@@ -227,20 +232,10 @@ def test_encoder_spec_from_a_local_folder_counts_the_safetensors(tmp_path):
 
 
 def test_encoder_spec_counts_a_fips_folder_by_its_compressed_mlps(tmp_path):
-    from transformers import BertConfig, BertModel
-
     from xmc.fips import save_compressed
     from xmc.fips_fit import compress_mlps
 
-    hf = BertConfig(
-        vocab_size=10,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=4,
-    )
-    model = BertModel(hf)
+    model = _tiny_bert_model()
     compress_mlps(model, None, sparsity=0.5, rank=3, group_size=1)  # SVD only: no activations needed
     save_compressed(model, None, tmp_path, {})
     # The dense MLP weights 2 * 8 * 16 = 256 become a base 8 * 3 and two factors of 3 * 16 / 2 nonzeros.

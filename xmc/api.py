@@ -19,56 +19,41 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from xmc.config import load_config
 from xmc.encoders import FeaturesInputs, Inputs, SplitSource, build_token_inputs
 
 
-class Predictor:
-    """A trained model with what it needs to turn raw inputs into top-k labels."""
+class ModelFolder:
+    """What a run folder and a condensed folder share: the config, the model card, the encoder (built,
+    weights not loaded) and its tokenizer, and turning raw inputs into top-k label names. Subclasses load
+    the weights and define :meth:`topk`."""
 
-    def __init__(self, run_dir: str | os.PathLike, device: str = "auto") -> None:
-        from xmc.condensed import encoder_from_card
-        from xmc.train.checkpoint import load_model
-        from xmc.train.run import build_model, resolve_device, resolve_precision
-
-        run = Path(run_dir)
-        for name in ("config.yaml", "model.json", "best.safetensors"):
-            if not (run / name).exists():
-                raise FileNotFoundError(
-                    f"{run}: {name} missing; is this the folder of a finished xmc train run?"
-                )
-        self.run_dir = run
-        self.config = load_config(run / "config.yaml")
-        self.card = json.loads((run / "model.json").read_text())
+    def __init__(self, folder: str | os.PathLike, files: tuple[str, ...], hint: str) -> None:
+        folder = Path(folder)
+        for name in files:
+            if not (folder / name).exists():
+                raise FileNotFoundError(f"{folder}: {name} missing; {hint}")
+        self.run_dir = folder
+        self.config = load_config(folder / "config.yaml")
+        self.card = json.loads((folder / "model.json").read_text())
         self.label_names: list[str] | None = self.card.get("label_names")
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(self.config.train.precision, self.device)
-        encoder, self.tokenizer = encoder_from_card(self.config, self.card, run)
-        clusters = None
-        if self.card.get("meta_clusters"):
-            clusters = np.zeros(self.card["num_labels"], np.int64)  # overwritten by the saved buffer
-        self.model = build_model(self.config, encoder, self.card["num_labels"], clusters)
-        load_model(self.model, run / "best.safetensors")
-        self.model.to(self.device).eval()
+        self.encoder, self.tokenizer = encoder_from_card(self.config, self.card, folder)
 
     def inputs(self, source: SplitSource, progress: bool = False) -> Inputs:
         """Encoder inputs for new documents (raw text, bag-of-words counts or embeddings)."""
         kind = self.config.encoder.type
         if kind == "bow":
             texts = source.texts() if source.texts is not None else None
-            return self.model.encoder.inputs_for(X=source.X, texts=texts)
+            return self.encoder.inputs_for(X=source.X, texts=texts)
         if kind == "features":
             return FeaturesInputs(source.features)
         return build_token_inputs(source, self.tokenizer, self.config.encoder.max_length, progress)
 
     def topk(self, inputs: Inputs, k: int, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(scores float32 (N, k), ids int32 (N, k))`` best first over all labels."""
-        batch_size = batch_size or self.config.train.eval_batch_size
-        from xmc.train.evaluation import predict_rows
-
-        rows = np.arange(len(inputs))
-        return predict_rows(self.model, inputs, rows, self.device, self.precision, batch_size, k)
+        raise NotImplementedError
 
     def predict(self, texts: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
         """Top ``k`` (label name, score) pairs for each raw text (label ids as names when unnamed)."""
@@ -77,18 +62,61 @@ class Predictor:
                 "this model reads precomputed embeddings: compute them with `xmc embed`, then topk()"
             )
         texts = list(texts)
-        return top_pairs(self, *self.topk(self.inputs(SplitSource(texts=lambda: texts)), k))
+        scores, ids = self.topk(self.inputs(SplitSource(texts=lambda: texts)), k)
+        return [
+            [(self.label_name(int(i)), float(s)) for s, i in zip(srow, irow, strict=True) if i >= 0]
+            for srow, irow in zip(scores, ids, strict=True)
+        ]
 
     def label_name(self, label: int) -> str:
         return self.label_names[label] if self.label_names else str(label)
 
 
-def top_pairs(predictor, scores: np.ndarray, ids: np.ndarray) -> list[list[tuple[str, float]]]:
-    """Per document, the (label name, score) pairs of its top-k (padding dropped)."""
-    return [
-        [(predictor.label_name(int(i)), float(s)) for s, i in zip(srow, irow, strict=True) if i >= 0]
-        for srow, irow in zip(scores, ids, strict=True)
-    ]
+class Predictor(ModelFolder):
+    """A trained model with what it needs to turn raw inputs into top-k labels."""
+
+    def __init__(self, run_dir: str | os.PathLike, device: str = "auto") -> None:
+        from xmc.train.checkpoint import load_model
+        from xmc.train.run import build_model, resolve_device, resolve_precision
+
+        files = ("config.yaml", "model.json", "best.safetensors")
+        super().__init__(run_dir, files, "is this the folder of a finished xmc train run?")
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(self.config.train.precision, self.device)
+        clusters = None
+        if self.card.get("meta_clusters"):
+            clusters = np.zeros(self.card["num_labels"], np.int64)  # overwritten by the saved buffer
+        self.model = build_model(self.config, self.encoder, self.card["num_labels"], clusters)
+        load_model(self.model, self.run_dir / "best.safetensors")
+        self.model.to(self.device).eval()
+
+    def topk(self, inputs: Inputs, k: int, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        from xmc.train.evaluation import predict_rows
+
+        batch_size = batch_size or self.config.train.eval_batch_size
+        rows = np.arange(len(inputs))
+        return predict_rows(self.model, inputs, rows, self.device, self.precision, batch_size, k)
+
+
+def encoder_from_card(config, card: dict, folder: Path) -> tuple[torch.nn.Module, object | None]:
+    """``(encoder, tokenizer)`` of a run (or condensed) folder, built without the training data; the
+    weights are not loaded; the tokenizer is None but for a transformer."""
+    cfg = config.encoder
+    if cfg.type == "bow":
+        from xmc.encoders import BowEncoder
+
+        return BowEncoder(card["encoder_num_features"], cfg.dim, cfg.dropout), None
+    if cfg.type == "features":
+        from xmc.encoders import FeaturesEncoder
+
+        return FeaturesEncoder(card["encoder_out_features"], cfg.dropout), None
+    from transformers import AutoConfig, AutoTokenizer
+
+    from xmc.encoders import TransformerEncoder
+
+    hf_config = AutoConfig.from_pretrained(folder / "encoder", local_files_only=True)
+    encoder = TransformerEncoder.from_config(hf_config, cfg.pooling, cfg.dropout)
+    return encoder, AutoTokenizer.from_pretrained(folder / "encoder", local_files_only=True)
 
 
 def load(run_dir: str | os.PathLike, device: str = "auto"):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +29,8 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 
-from xmc.config import load_config
-from xmc.encoders import FeaturesInputs, Inputs, SplitSource, build_token_inputs
+from xmc.api import ModelFolder
+from xmc.encoders import Inputs
 from xmc.topk import TopKAccumulator
 
 CONDENSED = "condensed.safetensors"
@@ -160,23 +159,16 @@ def export_condensed(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
     return sizes
 
 
-class CondensedPredictor:
+class CondensedPredictor(ModelFolder):
     """A condensed model (see the module docstring) behind :class:`xmc.api.Predictor`'s methods."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
-        folder = Path(folder)
-        for name in ("config.yaml", "model.json", CONDENSED):
-            if not (folder / name).exists():
-                raise FileNotFoundError(f"{folder}: {name} missing; write the folder with `xmc export`")
-        self.run_dir = folder
-        self.config = load_config(folder / "config.yaml")
-        self.card = json.loads((folder / "model.json").read_text())
-        self.label_names: list[str] | None = self.card.get("label_names")
-        tensors = load_file(str(folder / CONDENSED))
-        self.encoder, self.tokenizer = encoder_from_card(self.config, self.card, folder)
+        files = ("config.yaml", "model.json", CONDENSED)
+        super().__init__(folder, files, "write the folder with `xmc export`")
+        tensors = load_file(str(self.run_dir / CONDENSED))
         state: dict = {k.removeprefix("encoder."): v for k, v in tensors.items() if k.startswith("encoder.")}
-        if (folder / "condensed.extra.json").exists():
-            state.update(json.loads((folder / "condensed.extra.json").read_text()))
+        if (self.run_dir / "condensed.extra.json").exists():
+            state.update(json.loads((self.run_dir / "condensed.extra.json").read_text()))
         self.encoder.load_state_dict(state)
         self.encoder.eval()
         width = self.encoder.out_features
@@ -185,16 +177,6 @@ class CondensedPredictor:
             self.intermediate = _layer(tensors, "intermediate", width, self.config.classifier.intermediate)
             width = self.config.classifier.intermediate
         self.classifier = _layer(tensors, "classifier", width, self.card["num_labels"])
-
-    def inputs(self, source: SplitSource, progress: bool = False) -> Inputs:
-        """Encoder inputs for new documents (raw text, bag-of-words counts or embeddings)."""
-        kind = self.config.encoder.type
-        if kind == "bow":
-            texts = source.texts() if source.texts is not None else None
-            return self.encoder.inputs_for(X=source.X, texts=texts)
-        if kind == "features":
-            return FeaturesInputs(source.features)
-        return build_token_inputs(source, self.tokenizer, self.config.encoder.max_length, progress)
 
     @torch.inference_mode()
     def represent(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
@@ -211,41 +193,6 @@ class CondensedPredictor:
             rows = np.arange(start, min(start + batch_size, len(inputs)))
             scores[rows], ids[rows] = self.classifier.topk(self.represent(inputs.batch(rows)), k)
         return scores, ids
-
-    def predict(self, texts: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
-        """Top ``k`` (label name, score) pairs for each raw text (label ids as names when unnamed)."""
-        from xmc.api import top_pairs
-
-        if self.config.encoder.type == "features":
-            raise ValueError(
-                "this model reads precomputed embeddings: compute them with `xmc embed`, then topk()"
-            )
-        texts = list(texts)
-        return top_pairs(self, *self.topk(self.inputs(SplitSource(texts=lambda: texts)), k))
-
-    def label_name(self, label: int) -> str:
-        return self.label_names[label] if self.label_names else str(label)
-
-
-def encoder_from_card(config, card: dict, folder: Path) -> tuple[torch.nn.Module, object | None]:
-    """``(encoder, tokenizer)`` of a run (or condensed) folder, built without the training data; the
-    weights are not loaded; the tokenizer is None but for a transformer."""
-    cfg = config.encoder
-    if cfg.type == "bow":
-        from xmc.encoders import BowEncoder
-
-        return BowEncoder(card["encoder_num_features"], cfg.dim, cfg.dropout), None
-    if cfg.type == "features":
-        from xmc.encoders import FeaturesEncoder
-
-        return FeaturesEncoder(card["encoder_out_features"], cfg.dropout), None
-    from transformers import AutoConfig, AutoTokenizer
-
-    from xmc.encoders import TransformerEncoder
-
-    hf_config = AutoConfig.from_pretrained(folder / "encoder", local_files_only=True)
-    encoder = TransformerEncoder.from_config(hf_config, cfg.pooling, cfg.dropout)
-    return encoder, AutoTokenizer.from_pretrained(folder / "encoder", local_files_only=True)
 
 
 def _layer(tensors: dict, name: str, in_features: int, out_features: int):

@@ -229,7 +229,7 @@ def train(
                     keep = micro == window[-1] and rewiring.wants_batch()  # for gradient regrowth
                     with rewiring.capture(positives) if keep else contextlib.nullcontext():
                         with autocast(device, precision):
-                            loss = par.loss(model, batch, positives, train_split.Y[local], t.loss, lam)
+                            loss = par.loss(model, batch, positives, train_split.Y, local, t.loss, lam)
                         if loss is not None:  # None: no rows of this micro-batch on this rank
                             loss = loss / len(window)
                             scaler.scale(loss).backward()

@@ -97,14 +97,22 @@ class Parallel:
         return self.place.part(n)
 
     def loss(
-        self, model, batch: dict[str, torch.Tensor], positives: Positives, Y, kind: str, lam: float
+        self,
+        model,
+        batch: dict[str, torch.Tensor],
+        positives: Positives,
+        Y,
+        rows: np.ndarray,
+        kind: str,
+        lam: float,
     ) -> torch.Tensor | None:
         """This rank's share of the mean loss of a micro-batch; the shares sum to the single-process loss.
 
         ``batch`` and ``positives``: the encoder inputs and labels of this rank's rows (:meth:`rows`,
-        possibly none); ``Y``: CSR (n, L) labels of the whole micro-batch (the same on every rank).
-        None when this rank has nothing to compute (data parallel, no rows)."""
-        place, n = self.place, Y.shape[0]
+        possibly none); ``Y[rows]``: CSR (n, L) labels of the whole micro-batch (the same on every rank;
+        sliced only under label sharding). None when this rank has nothing to compute (data parallel, no
+        rows)."""
+        place, n = self.place, len(rows)
         count = positives.batch_size
         if not self.sharded:
             if not place.active:
@@ -116,7 +124,7 @@ class Parallel:
             h.requires_grad_()
         gathered = AllGatherRows.apply(h, place, place.sizes(n))  # (n, D)
         start = classifier.label_offset
-        labels = Positives.from_csr(Y[:, start : start + classifier.num_labels], device=self.device)
+        labels = Positives.from_csr(Y[rows][:, start : start + classifier.num_labels], device=self.device)
         main = classifier.loss(gathered, labels, kind) * (classifier.num_labels / self.num_labels)
         if model.meta is None or lam <= 0:
             return main
