@@ -319,7 +319,10 @@ def test_initial_std(method, init_scale):
 
 
 def test_default_init_scale():
-    assert RPSClassifier(D, N, compression=4).init_scale == pytest.approx(1 / math.sqrt(D))
+    clf = RPSClassifier(D, N, compression=4)
+    assert clf.init_scale == pytest.approx(1 / math.sqrt(D))
+    # The array starts at the weights' std (scale 1): AdamW's steps in weight space are then ~lr.
+    assert clf.array_std == clf.init_scale and clf.scale == 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -339,8 +342,8 @@ def test_classifier_loss_matches_dense(method, backend, monkeypatch, request):
         monkeypatch.setattr(rps, "_use_triton", lambda backend, x, array: True)
     monkeypatch.setattr(base, "CHUNK_ELEMENTS", B * 16)  # 16 labels a chunk: 5 chunks, the last has 6
     clf = RPSClassifier(
-        D, N, method=method, size=M, tile=TILE, seed=4, label_offset=OFFSET, total_labels=TOTAL
-    )
+        D, N, method=method, size=M, tile=TILE, seed=4, label_offset=OFFSET, total_labels=TOTAL, array_std=1.0
+    )  # array_std 1: a scale of 1 / sqrt(D), so the gradient division is visible
     with torch.no_grad():
         clf.bias.normal_(generator=torch.Generator().manual_seed(2))
     h = torch.randn(B, D, generator=torch.Generator().manual_seed(3), requires_grad=True)
@@ -349,13 +352,13 @@ def test_classifier_loss_matches_dense(method, backend, monkeypatch, request):
 
     slots, signs = rps.rps_slots(clf.mapping, torch.arange(OFFSET, OFFSET + N), torch.arange(D))
     hd, a, b = (t.detach().double().requires_grad_() for t in (h, clf.array, clf.bias))
-    want = dense_loss(hd @ (clf.init_scale * signs * a[slots]).T + b, _positives(), "bce")
+    want = dense_loss(hd @ (clf.scale * signs * a[slots]).T + b, _positives(), "bce")
     want.backward()
     assert abs(float(loss.detach()) - float(want.detach())) < 1e-6
     assert_close(h.grad, hd.grad, FP32_TOL, "grad_h")
     assert_close(clf.bias.grad, b.grad, FP32_TOL, "grad_bias")
     # STABLE-RPS divides the true array gradient by scale**2; the others report it as is.
-    divisor = clf.init_scale**2 if method == "stable" else 1.0
+    divisor = clf.scale**2 if method == "stable" else 1.0
     assert_close(clf.array.grad, a.grad / divisor, FP32_TOL, "grad_array")
 
 
@@ -366,8 +369,8 @@ def test_stable_grad_scaling():
     positives = Positives.from_lists([[0], [3, 7], [], [29]], 30)
 
     def build(scale, stable_grad):
-        clf = RPSClassifier(16, 30, compression=3, init_scale=scale, stable_grad=stable_grad, tile=(8, 8),
-                            seed=9, dtype=torch.float64)  # fmt: skip
+        clf = RPSClassifier(16, 30, compression=3, init_scale=scale, array_std=1.0, stable_grad=stable_grad,
+                            tile=(8, 8), seed=9, dtype=torch.float64)  # fmt: skip
         with torch.no_grad():  # the same W for every scale: array = A0 / scale
             clf.array.copy_(
                 torch.randn(clf.size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -79,7 +79,8 @@ class RPSOptions:
     compression: float = 8.0  # L x D weights over m shared slots; used when bytes is 0
     bytes: int = 0  # size of the shared array in bytes (m = bytes / 4), independent of L and D
     init_scale: float = 0.0  # initial std of the weights; 0 = 1 / sqrt(D), as a dense layer
-    array_std: float = 1.0  # initial std of the shared array; weights = (init_scale / array_std) * slot
+    array_std: float = 0.0  # initial std of the shared array (0 = init_scale); weights = (init_scale /
+    # array_std) * slot, so under AdamW a smaller array_std is a proportionally larger step in weight space
     sign: bool = True  # a random sign per weight decorrelates weights that share a slot
     stable_grad: bool | None = None  # divide slot gradients by the scale^2 (None: on for stable only)
 
@@ -92,6 +93,10 @@ class ClassifierConfig:
     intermediate_fan_in: int = 0  # > 0: the intermediate layer is fixed fan-in too, rewired like the
     # classifier (with SRigL neuron ablation when set.gamma > 0); 0 = a dense intermediate layer
     bias: bool = True
+    bias_init: str = "uniform"  # uniform (nn.Linear's +-1/sqrt(fan-in)) or prior: each label's training
+    # log-odds, so BCE starts at the label frequencies instead of first pushing every logit down
+    ids: str = "random"  # fixed fan-in's initial ids: random, or centroid (each label's K strongest input
+    # coordinates in its training documents' summed inputs; needs fixed inputs: bow with dim 0, or features)
     set: SETOptions = field(default_factory=SETOptions)
     meta: MetaConfig = field(default_factory=MetaConfig)
     rps: RPSOptions = field(default_factory=RPSOptions)
@@ -139,6 +144,8 @@ CHOICES = {
     "encoder.type": ("bow", "transformer", "features"),
     "encoder.pooling": ("cls", "mean"),
     "classifier.type": ("dense", "fixed_fanin", "rps"),
+    "classifier.ids": ("random", "centroid"),
+    "classifier.bias_init": ("uniform", "prior"),
     "classifier.set.prune": ("fraction", "threshold"),
     "classifier.set.regrow": ("random", "gradient"),
     "classifier.rps.method": ("hashednet", "roast", "stable"),

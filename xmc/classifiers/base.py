@@ -56,6 +56,10 @@ class Classifier(nn.Module, abc.ABC):
     def label_parameters(self) -> list[nn.Parameter]:
         """Parameters whose dimension 0 runs over the labels (weights, bias)."""
 
+    def label_bias(self) -> nn.Parameter | None:
+        """The (num_labels,) bias added to every logit, or None."""
+        return getattr(self, "bias", None)
+
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters read by every label chunk (gradients summed over chunks); none by default."""
         return []

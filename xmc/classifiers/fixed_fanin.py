@@ -71,6 +71,9 @@ class FixedFanInClassifier(Classifier):
         )
         return grad_h, [grad_w] + ([grad_b] if has_bias else [])
 
+    def label_bias(self) -> nn.Parameter | None:
+        return self.layer.bias
+
     def label_parameters(self) -> list[nn.Parameter]:
         return [self.layer.weight] + ([self.layer.bias] if self.layer.bias is not None else [])
 

@@ -35,7 +35,7 @@ def build_classifier(config: ClassifierConfig, in_features: int, num_labels: int
             size=rps.bytes // 4 if rps.bytes else None,
             compression=None if rps.bytes else rps.compression,
             init_scale=rps.init_scale or None,
-            array_std=rps.array_std,
+            array_std=rps.array_std or None,
             sign=rps.sign,
             stable_grad=rps.stable_grad,
             bias=config.bias,

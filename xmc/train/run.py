@@ -84,6 +84,15 @@ def _label_clusters(config: Config, data, inputs) -> np.ndarray:
     """Balanced label clusters from the training documents' features (TF-IDF or embeddings; for a
     transformer, a TF-IDF of the training texts), cached by the source files' checksums."""
     from xmc.clusters import cluster_labels
+
+    X, Y = _train_inputs(config, data, inputs)
+    source = data.sources[data.splits["train"].source]
+    return cluster_labels(X, Y, config.classifier.meta.clusters, config.seed, sources=source.sources)
+
+
+def _train_inputs(config: Config, data, inputs):
+    """The training split's (X, Y), X the TF-IDF rows or embeddings the encoder reads (for a transformer,
+    a TF-IDF of the training texts)."""
     from xmc.encoders import build_vocabulary, count_matrix, fit_idf, tfidf
 
     split = data.splits["train"]
@@ -96,8 +105,41 @@ def _label_clusters(config: Config, data, inputs) -> np.ndarray:
         )
         counts = count_matrix(source.texts(), vocabulary)
         X = tfidf(counts, fit_idf(counts))
-    return cluster_labels(
-        X[split.rows], split.Y, config.classifier.meta.clusters, config.seed, sources=source.sources
+    return X[split.rows], split.Y
+
+
+@torch.no_grad()
+def _prior_bias(model: XMCModel, Y) -> None:
+    """``classifier.bias_init=prior``: bias = log-odds of each label's training frequency, with half a
+    document added to every count (labels never seen start at log(0.5 / N), not at minus infinity)."""
+    bias = model.classifier.label_bias()
+    if bias is None:
+        raise ValueError("classifier.bias_init=prior needs classifier.bias=true")
+    counts = np.asarray((Y != 0).sum(axis=0), dtype=np.float64).ravel()
+    p = (counts + 0.5) / (Y.shape[0] + 1.0)
+    bias.copy_(torch.from_numpy(np.log(p) - np.log1p(-p)).to(bias.dtype))
+
+
+def _centroid_ids(config: Config, model: XMCModel, data, inputs) -> None:
+    """``classifier.ids=centroid``: each label starts at its training documents' strongest inputs."""
+    from xmc.centroid_ids import init_centroid_ids
+
+    cfg, enc = config.classifier, config.encoder
+    fixed_inputs = (enc.type == "bow" and enc.dim == 0) or enc.type == "features"
+    if cfg.type != "fixed_fanin" or cfg.intermediate or not fixed_inputs:
+        raise ValueError(
+            "classifier.ids=centroid picks each label's ids from its documents' input features, so it needs "
+            "classifier.type=fixed_fanin reading the encoder's inputs as they are: encoder.type=bow with "
+            "encoder.dim=0, or encoder.type=features, and classifier.intermediate=0; "
+            "use classifier.ids=random otherwise"
+        )
+    started = time.perf_counter()
+    X, Y = _train_inputs(config, data, inputs)
+    report = init_centroid_ids(model.classifier.layer, X, Y)
+    log.info(
+        "centroid ids in %.1f s; %.1f%% of slots drawn at random (labels with fewer than K features)",
+        time.perf_counter() - started,
+        100 * report["filled"],
     )
 
 
@@ -140,7 +182,12 @@ def run_training(
     data = load_data(config.data, config.seed)
     encoder, inputs = build_encoder_and_inputs(config.encoder, data.sources, progress=progress)
     clusters = _label_clusters(config, data, inputs) if config.classifier.meta.enabled else None
-    model = par.prepare(build_model(config, encoder, data.num_labels, clusters), device)  # label shard
+    model = build_model(config, encoder, data.num_labels, clusters)
+    if config.classifier.ids == "centroid" and not resume:  # a resumed run loads its ids
+        _centroid_ids(config, model, data, inputs)
+    if config.classifier.bias_init == "prior":
+        _prior_bias(model, data.splits["train"].Y)
+    model = par.prepare(model, device)  # label shard
     if place.is_main:
         save_config(config, run / "config.yaml")
         _write_json(run / "model.json", _model_card(config, model, data))

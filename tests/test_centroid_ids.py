@@ -1,0 +1,69 @@
+"""classifier.ids=centroid: each label's fixed fan-in ids start at its documents' strongest inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from xmc.centroid_ids import centroid_ids, init_centroid_ids
+from xmc.nn import FixedFanInLinear
+
+
+def _case():
+    # 3 documents over 6 features, 4 labels; label 3 has no document.
+    X = np.array(
+        [
+            [0.9, 0.0, 0.1, 0.0, 0.0, 0.4],
+            [0.0, 0.5, 0.2, 0.0, 0.0, 0.0],
+            [0.3, 0.0, 0.0, 0.0, 0.7, 0.0],
+        ],
+        np.float32,
+    )
+    Y = sp.csr_matrix(np.array([[1, 1, 0, 0], [1, 0, 0, 0], [0, 1, 1, 0]], np.float32))
+    return X, Y
+
+
+def test_picks_are_the_largest_centroid_coordinates_by_hand():
+    X, Y = _case()
+    # Label sums: l0 = d0 + d1 = [.9 .5 .3 0 0 .4]; l1 = d0 + d2 = [1.2 0 .1 0 .7 .4]; l2 = d2; l3 = 0.
+    ids, found = centroid_ids(sp.csr_matrix(X), Y, 3)
+    assert ids.tolist() == [[0, 1, 5], [0, 4, 5], [0, 4, -1], [-1, -1, -1]]
+    assert found.tolist() == [3, 3, 2, 0]
+
+
+def test_dense_inputs_pick_by_magnitude_like_sparse_ones():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((50, 40)).astype(np.float32)
+    X[rng.random(X.shape) < 0.7] = 0
+    Y = sp.csr_matrix((rng.random((50, 30)) < 0.1).astype(np.float32))
+    dense_ids, dense_found = centroid_ids(X, Y, 8)
+    sparse_ids, sparse_found = centroid_ids(sp.csr_matrix(X), Y, 8)
+    np.testing.assert_array_equal(dense_found, sparse_found)
+    S = np.abs(Y.T.toarray() @ X)
+    for row in range(30):  # same sets (ties aside, absent in random data), each the row's largest |sum|
+        picked = set(dense_ids[row][dense_ids[row] >= 0])
+        assert picked == set(sparse_ids[row][sparse_ids[row] >= 0])
+        if picked:
+            assert min(S[row, list(picked)]) >= np.sort(S[row])[::-1][len(picked) - 1] - 1e-6
+
+
+def test_layer_gets_centroid_ids_and_distinct_random_fills():
+    X, Y = _case()
+    layer = FixedFanInLinear(6, 4, 3, seed=5)
+    weight = layer.weight.detach().clone()
+    report = init_centroid_ids(layer, sp.csr_matrix(X), Y)
+    ids = layer.indices.long()
+    assert ids[0].tolist() == [0, 1, 5] and ids[1].tolist() == [0, 4, 5]
+    assert ids[2, :2].tolist() == [0, 4]
+    for row in ids:  # filled slots are real, distinct columns
+        assert len(set(row.tolist())) == 3 and 0 <= int(row.min()) and int(row.max()) < 6
+    assert report["filled"] == pytest.approx(4 / 12)
+    assert torch.equal(layer.weight, weight)  # only the ids change
+
+
+def test_wrong_shapes_are_refused():
+    X, Y = _case()
+    with pytest.raises(ValueError, match="5 labels, got 6 and 4"):
+        init_centroid_ids(FixedFanInLinear(6, 5, 3), sp.csr_matrix(X), Y)

@@ -1,0 +1,108 @@
+"""Data-informed initial ids for a fixed fan-in classifier over fixed input features.
+
+A label's K random ids rarely meet the ~100 nonzeros of a sparse TF-IDF row among 20,000 features, so
+over raw bag-of-words features almost every logit starts as the bias alone and random (SET) regrowth
+cannot find informative features (measured on CiteULike-t: dev P@1 at the most-frequent-labels
+level). ``classifier.ids=centroid`` starts each label at the K input coordinates of largest magnitude
+in the sum of its training documents' input rows (the label centroid of PIFA, positive-instance
+feature aggregation). For TF-IDF rows those are the words most typical of the label's documents.
+
+Labels whose centroid has fewer than K nonzeros (few or no training documents) fill their remaining
+slots with the layer's usual hashed random ids, distinct within the row. Only the ids change; weights
+keep their initialization. The inputs must be what the classifier sees during training: the TF-IDF
+vector itself (``encoder.type=bow``, ``encoder.dim=0``) or precomputed embeddings
+(``encoder.type=features``), since a learned encoder would move the coordinates under the ids.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from xmc.nn.ids import INIT_IDS, fill_distinct
+
+# Entries of a dense (labels x width) centroid block computed at a time: 64 MiB of float32.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def centroid_ids(X: sp.spmatrix | np.ndarray, Y: sp.spmatrix, fan_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``fan_in`` coordinates of largest |Y^T X| per label.
+
+    Args:
+        X: (N, D) training inputs of the classifier, scipy sparse or a dense array.
+        Y: (N, L) training labels; any nonzero marks a positive.
+        fan_in: K, at most D.
+
+    Returns:
+        ``ids`` int64 (L, K), each row's picks in increasing column order then -1 where the label's
+        centroid has fewer than K nonzeros; ``found`` int64 (L,) the number of real picks per row.
+    """
+    num_docs, width = X.shape
+    if Y.shape[0] != num_docs:
+        raise ValueError(f"X has {num_docs} rows but Y has {Y.shape[0]}")
+    if not 1 <= fan_in <= width:
+        raise ValueError(f"fan_in must be in 1..{width}, got {fan_in}")
+    Yt = sp.csr_matrix(Y, dtype=np.float32).T.tocsr()
+    Yt.data[:] = 1.0
+    num_labels = Yt.shape[0]
+    if sp.issparse(X):
+        return _sparse_top(Yt @ sp.csr_matrix(X, dtype=np.float32), fan_in)
+    ids = np.full((num_labels, fan_in), -1, np.int64)
+    found = np.zeros(num_labels, np.int64)
+    dense = torch.from_numpy(np.asarray(X, dtype=np.float32))
+    step = max(1, _BLOCK_ELEMENTS // width)
+    for start in range(0, num_labels, step):
+        block = Yt[start : start + step]
+        sums = torch.from_numpy(np.asarray(block @ dense.numpy(), dtype=np.float32)).abs()
+        top = torch.topk(sums, fan_in, dim=1)
+        keep = top.values > 0
+        picked = torch.where(keep, top.indices, torch.full_like(top.indices, width))
+        picked = torch.sort(picked, dim=1).values  # real picks first, in column order
+        ids[start : start + step] = torch.where(picked < width, picked, -1).numpy()
+        found[start : start + step] = keep.sum(1).numpy()
+    return ids, found
+
+
+def _sparse_top(S: sp.csr_matrix, fan_in: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``fan_in`` |entries| per row of a sparse (L, D) matrix, without a Python loop over rows."""
+    S.sum_duplicates()
+    S.eliminate_zeros()
+    lengths = np.diff(S.indptr)
+    rows = np.repeat(np.arange(S.shape[0]), lengths)
+    # Within each row, largest magnitude first (ties to the lower column: lexsort is stable).
+    order = np.lexsort((S.indices, -np.abs(S.data), rows))
+    rank = np.arange(S.nnz) - S.indptr[rows[order]]
+    kept = order[rank < fan_in]
+    kept_rows, kept_cols = rows[kept], S.indices[kept]
+    # Column order within a row: sort the kept entries by (row, column).
+    by_column = np.lexsort((kept_cols, kept_rows))
+    kept_rows, kept_cols = kept_rows[by_column], kept_cols[by_column]
+    found = np.minimum(lengths, fan_in).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(found)[:-1]])
+    slot = np.arange(len(kept_rows)) - starts[kept_rows]
+    ids = np.full((S.shape[0], fan_in), -1, np.int64)
+    ids[kept_rows, slot] = kept_cols
+    return ids, found
+
+
+@torch.no_grad()
+def init_centroid_ids(layer, X: sp.spmatrix | np.ndarray, Y: sp.spmatrix) -> dict[str, float]:
+    """Set a :class:`~xmc.nn.FixedFanInLinear`'s ids to its labels' centroid picks (module docstring).
+
+    ``X`` (N, D) and ``Y`` (N, L) cover the layer's whole label range (``layer.row_offset`` 0).
+    Returns ``{"filled": share of slots that fell back to random ids}``.
+    """
+    if Y.shape[1] != layer.out_features or X.shape[1] != layer.in_features:
+        raise ValueError(
+            f"centroid ids need inputs of width {layer.in_features} and {layer.out_features} labels, "
+            f"got {X.shape[1]} and {Y.shape[1]}"
+        )
+    ids, found = centroid_ids(X, Y, layer.fan_in)
+    fill = torch.from_numpy(ids < 0)
+    rows = layer.global_rows(0, layer.out_features).cpu()
+    drawn = fill_distinct(
+        torch.from_numpy(ids).clamp(min=0), fill, rows, layer.in_features, (layer.seed, INIT_IDS)
+    )
+    layer.indices.copy_(drawn.to(layer.indices.dtype))
+    return {"filled": float(fill.float().mean())}
