@@ -55,6 +55,34 @@ def test_chunked_loss_matches_full_logits(kind, loss, monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
 
 
+def test_dense_over_mostly_zero_columns_matches_full_logits(monkeypatch):
+    """Raw sparse features: forward and weight gradient over the batch's nonzero columns only, same
+    loss and gradients (bias and input included) as the full product."""
+    from xmc.classifiers.dense import active_columns
+
+    monkeypatch.setattr(base, "CHUNK_ELEMENTS", B * 7)
+    torch.manual_seed(0)
+    clf = DenseClassifier(40, L, dtype=torch.float64)
+    h = torch.zeros(B, 40, dtype=torch.float64)
+    h[:, [3, 17, 30]] = torch.randn(B, 3, dtype=torch.float64)
+    h[0, 5] = 0.5
+    assert active_columns(h).tolist() == [3, 5, 17, 30]
+    h.requires_grad_(True)
+    chunked = clf.loss(h, _positives(), "bce")
+    grads = torch.autograd.grad(chunked, [h, *clf.label_parameters()])
+    h2 = h.detach().clone().requires_grad_(True)
+    full = dense_loss(torch.nn.functional.linear(h2, clf.weight, clf.bias), _positives(), "bce")
+    expected = torch.autograd.grad(full, [h2, *clf.label_parameters()])
+    torch.testing.assert_close(chunked, full, rtol=1e-12, atol=0)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    assert float(grads[1][:, 4].abs().max()) == 0.0  # a column no document holds
+    scores, ids = clf.topk(h.detach(), 5)
+    want_scores, want_ids = torch.topk(torch.nn.functional.linear(h.detach(), clf.weight, clf.bias), 5)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(scores, want_scores.float())
+
+
 @pytest.mark.parametrize("kind", ["dense", "fixed_fanin"])
 def test_topk_is_exact_with_ties_to_the_lower_id(kind, monkeypatch):
     monkeypatch.setattr(base, "CHUNK_ELEMENTS", B * 10)

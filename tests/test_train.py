@@ -303,3 +303,46 @@ def test_fixed_fanin_over_the_raw_tfidf_vector(tmp_path, synth_data):
 
     predictor = xmc.load(tmp_path / "run", device="cpu")
     assert predictor.model.encoder.out_features == 300  # the synthetic set's features
+
+
+def test_centroid_ids_over_the_raw_tfidf_vector(tmp_path, synth_data):
+    """classifier.ids=centroid: the initial ids are each label's strongest TF-IDF features; with the
+    SET rewiring off they are the trained model's ids, and the run learns."""
+    from xmc.centroid_ids import centroid_ids
+    from xmc.data.bow import read_bow
+    from xmc.encoders import fit_idf, tfidf
+
+    overrides = [
+        "encoder.dim=0",
+        "classifier.fan_in=16",
+        "classifier.ids=centroid",
+        "classifier.set.enabled=false",
+    ]
+    config = _config(tmp_path, synth_data, overrides=[*overrides, "classifier.bias_init=prior"])
+    metrics = run_training(config, str(tmp_path / "run"), progress=False)
+    losses = _losses(metrics)
+    assert losses[-1] < losses[0], losses
+    X, Y = read_bow(synth_data / "train.txt")
+    ids, found = centroid_ids(tfidf(X, fit_idf(X)), Y, 16)
+    trained = load_file(str(tmp_path / "run" / "best.safetensors"))["classifier.layer.indices"].long().numpy()
+    picked = ids >= 0
+    assert picked.mean() > 0.5 and (trained[picked] == ids[picked]).all()
+
+    bad = _config(tmp_path, synth_data, overrides=["classifier.ids=centroid"])  # a learned projection
+    with pytest.raises(ValueError, match="encoder.dim=0"):
+        run_training(bad, str(tmp_path / "bad"), progress=False)
+
+
+def test_prior_bias_starts_at_the_label_log_odds(tmp_path, synth_data):
+    from xmc.data.bow import read_bow
+
+    config = _config(
+        tmp_path,
+        synth_data,
+        overrides=["classifier.type=dense", "classifier.bias_init=prior", "train.epochs=0"],
+    )
+    run_training(config, str(tmp_path / "run"), progress=False)
+    bias = load_file(str(tmp_path / "run" / "best.safetensors"))["classifier.bias"].double().numpy()
+    _, Y = read_bow(synth_data / "train.txt")
+    p = (np.asarray((Y != 0).sum(0)).ravel() + 0.5) / (Y.shape[0] + 1)
+    np.testing.assert_allclose(bias, np.log(p / (1 - p)), rtol=1e-6)

@@ -105,7 +105,7 @@ def encoder_from_card(config, card: dict, folder: Path) -> tuple[torch.nn.Module
     if cfg.type == "bow":
         from xmc.encoders import BowEncoder
 
-        return BowEncoder(card["encoder_num_features"], cfg.dim, cfg.dropout), None
+        return BowEncoder(card["encoder_num_features"], cfg.dim, cfg.dropout, cfg.activation), None
     if cfg.type == "features":
         from xmc.encoders import FeaturesEncoder
 

@@ -46,6 +46,7 @@ class EncoderConfig:
     dropout: float = 0.1  # on the pooled representation; the anchors use 0.35-0.7 on large sets
     gradient_checkpointing: bool = False  # recompute activations: less memory, ~30% slower steps
     dim: int = 256  # bow encoder: width of the learned projection of the TF-IDF vector (0: the vector itself)
+    activation: str = "none"  # bow encoder: none (linear projection), relu, gelu or tanh after it
     vocab_size: int = 50_000  # bow over raw text: keep the most frequent words (by document frequency)
     min_df: int = 2  # bow over raw text: ignore words in fewer training documents
     freeze: bool = False  # train only the classifier (the fixed-feature setting)
@@ -143,6 +144,7 @@ CHOICES = {
     "data.propensity": ("wikipedia", "amazon", "other"),
     "encoder.type": ("bow", "transformer", "features"),
     "encoder.pooling": ("cls", "mean"),
+    "encoder.activation": ("none", "relu", "gelu", "tanh"),
     "classifier.type": ("dense", "fixed_fanin", "rps"),
     "classifier.ids": ("random", "centroid"),
     "classifier.bias_init": ("uniform", "prior"),

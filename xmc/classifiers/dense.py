@@ -16,6 +16,19 @@ from xmc.classifiers.base import (
     shard_range,
 )
 
+# Below this share of nonzero input columns in a batch (raw TF-IDF rows: ~20 of 20,000 features a
+# document), the forward and the weight gradient run over those columns only.
+SPARSE_COLUMN_SHARE = 0.5
+
+
+def active_columns(h: torch.Tensor) -> torch.Tensor | None:
+    """The columns of ``h`` (B, D) holding a nonzero, or None when more than SPARSE_COLUMN_SHARE do."""
+    nonzero = h.ne(0).any(0)
+    count = int(nonzero.sum())
+    if count > SPARSE_COLUMN_SHARE * h.shape[1]:
+        return None
+    return nonzero.nonzero().squeeze(1)
+
 
 class DenseClassifier(Classifier):
     """``logits = h W^T + b`` with ``weight`` (L, D) and ``bias`` (L,), initialized like ``nn.Linear``."""
@@ -43,13 +56,22 @@ class DenseClassifier(Classifier):
         bias = None if self.bias is None else self.bias[start:stop]
         if not torch.is_autocast_enabled(h.device.type):
             h = h.to(self.weight.dtype)  # e.g. bf16 activations recomputed outside autocast in backward
+        columns = active_columns(h)
+        if columns is not None:  # raw sparse features: the zero columns add nothing to any logit
+            return F.linear(h[:, columns], self.weight[start:stop, columns], bias)
         return F.linear(h, self.weight[start:stop], bias)
 
     def chunk_backward(self, h, grad_logits, start, stop, need_input=True):
         weight = self.weight[start:stop]
         g = grad_logits.to(weight.dtype)
         grad_h = g @ weight if need_input else None
-        grad_w = g.t() @ h.to(weight.dtype)
+        h = h.to(weight.dtype)
+        columns = active_columns(h)
+        if columns is None:
+            grad_w = g.t() @ h
+        else:  # exactly zero off the batch's columns
+            grad_w = torch.zeros_like(weight)
+            grad_w[:, columns] = g.t() @ h[:, columns]
         grads = [grad_w] + ([g.sum(0)] if self.bias is not None else [])
         return grad_h, grads
 

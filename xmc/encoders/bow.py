@@ -199,14 +199,18 @@ class BowInputs:
         }
 
 
+ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
 class BowEncoder(Encoder):
-    """``x_tfidf @ W + b`` through ``nn.EmbeddingBag(mode="sum")``, then dropout; with ``dim=0`` the
+    """``act(x_tfidf @ W + b)`` through ``nn.EmbeddingBag(mode="sum")``, then dropout; with ``dim=0`` the
     TF-IDF vector itself (no parameters), then dropout.
 
     Args:
         num_features: F, the width of the TF-IDF vectors.
         dim: output width (``out_features``); 0 for the F-wide TF-IDF vector.
         dropout: dropout probability on the output, applied in training mode.
+        activation: ``none`` (a linear, low-rank model with the classifier), ``relu``, ``gelu`` or ``tanh``.
 
     ``forward`` takes the keys of :class:`BowInputs` and returns float ``(B, dim)``; an empty bag
     gives the bias alone.
@@ -216,8 +220,15 @@ class BowEncoder(Encoder):
     for raw text, ``None`` for bag-of-words files) is saved as the module's extra state.
     """
 
-    def __init__(self, num_features: int, dim: int, dropout: float = 0.0) -> None:
+    def __init__(self, num_features: int, dim: int, dropout: float = 0.0, activation: str = "none") -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        if activation != "none" and not dim:
+            raise ValueError(
+                "an activation needs a projection: set encoder.dim > 0 or encoder.activation=none"
+            )
+        self.activation = ACTIVATIONS[activation]()
         if dim < 0:
             raise ValueError(f"encoder.dim must be positive, or 0 for the TF-IDF vector itself; got {dim}")
         # dim 0: no projection, the TF-IDF vector is the representation (F wide; the fixed-feature setting,
@@ -267,7 +278,7 @@ class BowEncoder(Encoder):
             batch["bow_offsets"],
             per_sample_weights=batch["bow_weights"].to(self.bag.weight.dtype),
         )
-        return self.dropout(h + self.bias)
+        return self.dropout(self.activation(h + self.bias))
 
     def _tfidf_rows(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The batch's TF-IDF vectors as a dense (B, F) float32 tensor."""

@@ -129,7 +129,7 @@ def _build_bow(
         log.info("bow encoder: %d features -> %d dims", len(idf), config.dim)
     else:
         log.info("bow encoder: the %d-feature TF-IDF vector itself (encoder.dim=0)", len(idf))
-    encoder = BowEncoder(len(idf), config.dim, config.dropout)
+    encoder = BowEncoder(len(idf), config.dim, config.dropout, config.activation)
     encoder.set_weighting(idf, None if kind == "bow" else vocabulary)
     return encoder, inputs
 
