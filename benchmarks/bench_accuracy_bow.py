@@ -1,12 +1,15 @@
 """CPU accuracy table: bag-of-words encoder + dense or fixed fan-in classifier on Bibtex and CiteULike-t.
 
-Trains each (dataset, classifier) with the shipped config (``configs/<dataset>.yaml``) on the
-repository split in ``--data`` (default ``../shared/data``) and appends one JSON row per run to
+Trains each (config, classifier) with a shipped config (``configs/<name>.yaml``: ``bibtex`` and
+``citeulike-t`` project the TF-IDF vector to a learned D; the ``-tfidf`` variants feed the vector itself
+to the classifier) on the repository split in ``--data`` (default ``../shared/data``; the dataset is
+the config name up to ``-tfidf``) and appends one JSON row per run to
 ``benchmarks/results/accuracy_bow.jsonl`` with P@1/3/5, classifier bytes, time and device. The
 reference row printed beside it is PECOS XR-Linear on the same splits (libpecos 1.2.8 defaults;
 numbers from the project's issue tracker).
 
-    python benchmarks/bench_accuracy_bow.py [--data ../shared/data] [--datasets bibtex citeulike-t]
+    python benchmarks/bench_accuracy_bow.py [--data ../shared/data] [--configs bibtex citeulike-t-tfidf]
+        [--classifiers dense fixed_fanin]
 """
 
 from __future__ import annotations
@@ -30,15 +33,18 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    parser.add_argument("--datasets", nargs="+", default=["bibtex", "citeulike-t"])
+    parser.add_argument("--configs", nargs="+", default=["bibtex", "citeulike-t"])
     parser.add_argument("--classifiers", nargs="+", default=["dense", "fixed_fanin"])
     args = parser.parse_args()
     revision = git_revision()
-    for dataset in args.datasets:
+    for name in args.configs:
+        dataset = name.removesuffix("-tfidf")
+        if dataset not in PECOS:
+            raise SystemExit(f"--configs {name}: expected one of {', '.join(PECOS)}, optionally with -tfidf")
         folder = Path(args.data) / dataset
         for kind in args.classifiers:
             config = load_config(
-                default_config_path().parent / f"{dataset}.yaml",
+                default_config_path().parent / f"{name}.yaml",
                 [
                     f"data.train={folder / 'train.txt'}",
                     f"data.test={folder / 'test.txt'}",
@@ -53,9 +59,11 @@ def main() -> None:
                 "date": time.strftime("%Y-%m-%d"),
                 "git": revision,
                 "dataset": dataset,
+                "config": name,
                 "classifier": kind,
-                "dim": config.encoder.dim,
+                "dim": config.encoder.dim or "tfidf",
                 "fan_in": config.classifier.fan_in if kind == "fixed_fanin" else None,
+                "ids": config.classifier.ids if kind == "fixed_fanin" else None,
                 **{f"P@{k}": round(100 * test[f"P@{k}"], 2) for k in (1, 3, 5)},
                 "pecos_P@1": PECOS[dataset][0],
                 "pecos_P@5": PECOS[dataset][1],
