@@ -126,12 +126,11 @@ def _centroid_ids(config: Config, model: XMCModel, data, inputs) -> None:
 
     cfg, enc = config.classifier, config.encoder
     fixed_inputs = (enc.type == "bow" and enc.dim == 0) or enc.type == "features"
-    if cfg.type != "fixed_fanin" or cfg.intermediate or not fixed_inputs:
+    if cfg.intermediate or not fixed_inputs:
         raise ValueError(
-            "classifier.ids=centroid picks each label's ids from its documents' input features, so it needs "
-            "classifier.type=fixed_fanin reading the encoder's inputs as they are: encoder.type=bow with "
-            "encoder.dim=0, or encoder.type=features, and classifier.intermediate=0; "
-            "use classifier.ids=random otherwise"
+            "classifier.ids=centroid picks each label's ids from its documents' input features, so the "
+            "classifier must read them as they are: encoder.type=bow with encoder.dim=0, or "
+            "encoder.type=features, and classifier.intermediate=0; use classifier.ids=random otherwise"
         )
     started = time.perf_counter()
     X, Y = _train_inputs(config, data, inputs)
@@ -183,7 +182,8 @@ def run_training(
     encoder, inputs = build_encoder_and_inputs(config.encoder, data.sources, progress=progress)
     clusters = _label_clusters(config, data, inputs) if config.classifier.meta.enabled else None
     model = build_model(config, encoder, data.num_labels, clusters)
-    if config.classifier.ids == "centroid" and not resume:  # a resumed run loads its ids
+    # Like fan_in and set, ids is a fixed fan-in option: other classifiers ignore it.
+    if config.classifier.ids == "centroid" and config.classifier.type == "fixed_fanin" and not resume:
         _centroid_ids(config, model, data, inputs)
     if config.classifier.bias_init == "prior":
         _prior_bias(model, data.splits["train"].Y)
