@@ -17,12 +17,16 @@ from xmc.classifiers.base import (
 )
 
 # Below this share of nonzero input columns in a batch (raw TF-IDF rows: ~20 of 20,000 features a
-# document), the forward and the weight gradient run over those columns only.
+# document), the forward and the weight gradient run over those columns only (CPU: on a GPU the check
+# would cost a host sync per label chunk, and the dense product is cheap there).
 SPARSE_COLUMN_SHARE = 0.5
 
 
 def active_columns(h: torch.Tensor) -> torch.Tensor | None:
-    """The columns of ``h`` (B, D) holding a nonzero, or None when more than SPARSE_COLUMN_SHARE do."""
+    """The columns of a CPU ``h`` (B, D) holding a nonzero, or None when more than SPARSE_COLUMN_SHARE
+    do (or ``h`` is on an accelerator)."""
+    if h.device.type != "cpu":
+        return None
     nonzero = h.ne(0).any(0)
     count = int(nonzero.sum())
     if count > SPARSE_COLUMN_SHARE * h.shape[1]:
