@@ -395,3 +395,21 @@ def test_bow_encoder_without_projection_returns_the_tfidf_rows():
     out = encoder(inputs.batch(np.arange(3)))
     assert encoder.out_features == 4 and not list(encoder.parameters())
     np.testing.assert_allclose(out.numpy(), inputs.X.toarray(), rtol=1e-6)
+
+
+def test_bow_activation_follows_the_projection():
+    from xmc.encoders import BowEncoder, fit_idf
+
+    X = sp.csr_matrix(np.array([[1, 0, 2, 0], [0, 0, 0, 0], [0, 3, 0, 1]], np.float32))
+    linear, relu = BowEncoder(4, 6), BowEncoder(4, 6, activation="relu")
+    relu.load_state_dict(linear.state_dict())
+    for encoder in (linear, relu):
+        encoder.set_weighting(fit_idf(X))
+        encoder.eval()
+    batch = linear.inputs_for(X).batch(np.arange(3))
+    torch.testing.assert_close(relu(batch), torch.relu(linear(batch)))
+    assert bool((linear(batch) < 0).any())  # so the comparison tests something
+    with pytest.raises(ValueError, match="needs a projection"):
+        BowEncoder(4, 0, activation="tanh")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        BowEncoder(4, 6, activation="swish")
