@@ -323,7 +323,7 @@ def test_centroid_ids_over_the_raw_tfidf_vector(tmp_path, synth_data):
     losses = _losses(metrics)
     assert losses[-1] < losses[0], losses
     X, Y = read_bow(synth_data / "train.txt")
-    ids, found = centroid_ids(tfidf(X, fit_idf(X)), Y, 16)
+    ids = centroid_ids(tfidf(X, fit_idf(X)), Y, 16)
     trained = load_file(str(tmp_path / "run" / "best.safetensors"))["classifier.layer.indices"].long().numpy()
     picked = ids >= 0
     assert picked.mean() > 0.5 and (trained[picked] == ids[picked]).all()

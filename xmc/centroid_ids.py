@@ -26,7 +26,7 @@ from xmc.nn.ids import INIT_IDS, fill_distinct
 _BLOCK_ELEMENTS = 1 << 24
 
 
-def centroid_ids(X: sp.spmatrix | np.ndarray, Y: sp.spmatrix, fan_in: int) -> tuple[np.ndarray, np.ndarray]:
+def centroid_ids(X: sp.spmatrix | np.ndarray, Y: sp.spmatrix, fan_in: int) -> np.ndarray:
     """The ``fan_in`` coordinates of largest |Y^T X| per label.
 
     Args:
@@ -35,8 +35,8 @@ def centroid_ids(X: sp.spmatrix | np.ndarray, Y: sp.spmatrix, fan_in: int) -> tu
         fan_in: K, at most D.
 
     Returns:
-        ``ids`` int64 (L, K), each row's picks in increasing column order then -1 where the label's
-        centroid has fewer than K nonzeros; ``found`` int64 (L,) the number of real picks per row.
+        int64 (L, K): each row's picks in increasing column order, then -1 where the label's centroid
+        has fewer than K nonzeros.
     """
     num_docs, width = X.shape
     if Y.shape[0] != num_docs:
@@ -49,22 +49,18 @@ def centroid_ids(X: sp.spmatrix | np.ndarray, Y: sp.spmatrix, fan_in: int) -> tu
     if sp.issparse(X):
         return _sparse_top(Yt @ sp.csr_matrix(X, dtype=np.float32), fan_in)
     ids = np.full((num_labels, fan_in), -1, np.int64)
-    found = np.zeros(num_labels, np.int64)
-    dense = torch.from_numpy(np.asarray(X, dtype=np.float32))
+    dense = np.asarray(X, dtype=np.float32)
     step = max(1, _BLOCK_ELEMENTS // width)
     for start in range(0, num_labels, step):
-        block = Yt[start : start + step]
-        sums = torch.from_numpy(np.asarray(block @ dense.numpy(), dtype=np.float32)).abs()
+        sums = torch.from_numpy(np.asarray(Yt[start : start + step] @ dense, dtype=np.float32)).abs()
         top = torch.topk(sums, fan_in, dim=1)
-        keep = top.values > 0
-        picked = torch.where(keep, top.indices, torch.full_like(top.indices, width))
+        picked = torch.where(top.values > 0, top.indices, torch.full_like(top.indices, width))
         picked = torch.sort(picked, dim=1).values  # real picks first, in column order
         ids[start : start + step] = torch.where(picked < width, picked, -1).numpy()
-        found[start : start + step] = keep.sum(1).numpy()
-    return ids, found
+    return ids
 
 
-def _sparse_top(S: sp.csr_matrix, fan_in: int) -> tuple[np.ndarray, np.ndarray]:
+def _sparse_top(S: sp.csr_matrix, fan_in: int) -> np.ndarray:
     """Top-``fan_in`` |entries| per row of a sparse (L, D) matrix, without a Python loop over rows."""
     S.sum_duplicates()
     S.eliminate_zeros()
@@ -83,7 +79,7 @@ def _sparse_top(S: sp.csr_matrix, fan_in: int) -> tuple[np.ndarray, np.ndarray]:
     slot = np.arange(len(kept_rows)) - starts[kept_rows]
     ids = np.full((S.shape[0], fan_in), -1, np.int64)
     ids[kept_rows, slot] = kept_cols
-    return ids, found
+    return ids
 
 
 @torch.no_grad()
@@ -98,7 +94,7 @@ def init_centroid_ids(layer, X: sp.spmatrix | np.ndarray, Y: sp.spmatrix) -> dic
             f"centroid ids need inputs of width {layer.in_features} and {layer.out_features} labels, "
             f"got {X.shape[1]} and {Y.shape[1]}"
         )
-    ids, found = centroid_ids(X, Y, layer.fan_in)
+    ids = centroid_ids(X, Y, layer.fan_in)
     fill = torch.from_numpy(ids < 0)
     rows = layer.global_rows(0, layer.out_features).cpu()
     drawn = fill_distinct(

@@ -48,7 +48,7 @@ def inv_propensity(Y_train: sp.spmatrix | sp.sparray, A: float = 0.55, B: float 
     num_rows = Y_train.shape[0]
     if num_rows < 1:
         raise ValueError("inv_propensity needs at least one training row")
-    counts = _label_frequencies(Y_train).astype(np.float64)
+    counts = label_frequencies(Y_train).astype(np.float64)
     C = (np.log(num_rows) - 1.0) * (B + 1.0) ** A
     return 1.0 + C * (counts + B) ** -A
 
@@ -163,7 +163,7 @@ def label_buckets(Y_train: sp.spmatrix | sp.sparray, num_buckets: int = 3) -> np
     """
     if num_buckets < 1:
         raise ValueError(f"num_buckets must be positive, got {num_buckets}")
-    freq = _label_frequencies(Y_train)
+    freq = label_frequencies(Y_train)
     order = np.argsort(-freq, kind="stable")  # stable: equal frequencies keep increasing ids
     before = np.cumsum(freq[order]) - freq[order]
     total = int(freq.sum())
@@ -357,7 +357,7 @@ def _best_weights(ranked: _Ranked, inv_prop: np.ndarray, kmax: int) -> tuple[np.
     return rows[keep], rank[keep], inv_prop[by_weight[positions[keep]]]
 
 
-def _label_frequencies(Y: sp.spmatrix | sp.sparray) -> np.ndarray:
+def label_frequencies(Y: sp.spmatrix | sp.sparray) -> np.ndarray:
     """int64 ``(L,)``: number of rows of ``Y`` with a nonzero in each column."""
     keys = _pair_keys(Y)
     return np.bincount(keys % max(Y.shape[1], 1), minlength=Y.shape[1]).astype(np.int64)

@@ -115,8 +115,9 @@ def _prior_bias(model: XMCModel, Y) -> None:
     bias = model.classifier.label_bias()
     if bias is None:
         raise ValueError("classifier.bias_init=prior needs classifier.bias=true")
-    counts = np.asarray((Y != 0).sum(axis=0), dtype=np.float64).ravel()
-    p = (counts + 0.5) / (Y.shape[0] + 1.0)
+    from xmc.metrics import label_frequencies
+
+    p = (label_frequencies(Y) + 0.5) / (Y.shape[0] + 1.0)
     bias.copy_(torch.from_numpy(np.log(p) - np.log1p(-p)).to(bias.dtype))
 
 
