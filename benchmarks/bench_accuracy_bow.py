@@ -2,14 +2,16 @@
 
 Trains each (config, classifier) with a shipped config (``configs/<name>.yaml``: ``bibtex`` and
 ``citeulike-t`` project the TF-IDF vector to a learned D; the ``-tfidf`` variants feed the vector itself
-to the classifier) on the repository split in ``--data`` (default ``../shared/data``; the dataset is
-the config name up to ``-tfidf``) and appends one JSON row per run to
-``benchmarks/results/accuracy_bow.jsonl`` with P@1/3/5, classifier bytes, time and device. The
+to the classifier, ``-tfidf-dense`` with the dense classifier's own settings) on the repository split
+in ``--data`` (default ``../shared/data``; the dataset is the config name up to ``-tfidf``) and appends
+one JSON row per run to ``benchmarks/results/accuracy_bow.jsonl`` with P@1/3/5, classifier bytes, time
+and device. The
 reference row printed beside it is PECOS XR-Linear on the same splits (libpecos 1.2.8 defaults;
 numbers from the project's issue tracker).
 
     python benchmarks/bench_accuracy_bow.py [--data ../shared/data] [--configs bibtex citeulike-t-tfidf]
         [--classifiers dense fixed_fanin]
+    python benchmarks/bench_accuracy_bow.py --configs bibtex-tfidf-dense --classifiers dense
 """
 
 from __future__ import annotations
@@ -38,9 +40,12 @@ def main() -> None:
     args = parser.parse_args()
     revision = git_revision()
     for name in args.configs:
-        dataset = name.removesuffix("-tfidf")
+        dataset = name.removesuffix("-dense").removesuffix("-tfidf")
         if dataset not in PECOS:
-            raise SystemExit(f"--configs {name}: expected one of {', '.join(PECOS)}, optionally with -tfidf")
+            raise SystemExit(
+                f"--configs {name}: expected one of {', '.join(PECOS)}, "
+                "optionally with -tfidf or -tfidf-dense"
+            )
         folder = Path(args.data) / dataset
         for kind in args.classifiers:
             config = load_config(
@@ -64,6 +69,8 @@ def main() -> None:
                 "dim": config.encoder.dim or "tfidf",
                 "fan_in": config.classifier.fan_in if kind == "fixed_fanin" else None,
                 "ids": config.classifier.ids if kind == "fixed_fanin" else None,
+                "weighting": config.encoder.weighting,
+                "loss": config.train.loss,
                 **{f"P@{k}": round(100 * test[f"P@{k}"], 2) for k in (1, 3, 5)},
                 "pecos_P@1": PECOS[dataset][0],
                 "pecos_P@5": PECOS[dataset][1],

@@ -26,6 +26,7 @@ from xmc.encoders import (
     count_matrix,
     encode_all,
     fit_idf,
+    fit_weights,
     load_features,
     resolve_model_path,
     tfidf,
@@ -58,6 +59,26 @@ def test_tfidf_values_by_hand():
     assert tfidf(sp.csr_matrix(np.ones((1, 2), np.float32)), idf).shape == (1, 4)
     with pytest.raises(ValueError, match="non-negative"):
         tfidf(sp.csr_matrix(np.array([[-1.0, 0, 0, 0]])), idf)
+
+
+def test_log1p_weighting_drops_the_idf_and_travels_with_the_encoder():
+    X = sp.csr_matrix(np.array([[2, 0, 1, 0], [0, 1, 1, 0]], np.float32))
+    weights = fit_weights(X, "log1p")
+    np.testing.assert_array_equal(weights, [1, 1, 1, 0])  # unseen in training: still weight 0
+    np.testing.assert_array_equal(fit_weights(X, "tfidf"), fit_idf(X))
+    row0 = np.array([math.log(3), 0, math.log(2), 0])
+    np.testing.assert_allclose(tfidf(X, weights).toarray()[0], row0 / np.linalg.norm(row0), rtol=1e-6)
+    with pytest.raises(ValueError, match="encoder.weighting must be one of tfidf, log1p"):
+        fit_weights(X, "bm25")
+    # The factory fits the chosen weighting; the encoder's buffer carries it to new documents.
+    splits = {
+        "train": SplitSource(X=X),
+        "test": SplitSource(X=sp.csr_matrix(np.array([[1, 1, 0, 3]], np.float32))),
+    }
+    config = EncoderConfig(type="bow", dim=0, dropout=0.0, weighting="log1p")
+    encoder, inputs = build_encoder_and_inputs(config, splits, progress=False)
+    np.testing.assert_allclose(inputs["test"].X.toarray(), [[2**-0.5, 2**-0.5, 0, 0]], rtol=1e-6)
+    np.testing.assert_allclose(encoder.inputs_for(X).X.toarray(), tfidf(X, weights).toarray())
 
 
 def _random_bow(rng, n, f, empty_rows):

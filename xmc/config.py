@@ -47,6 +47,8 @@ class EncoderConfig:
     gradient_checkpointing: bool = False  # recompute activations: less memory, ~30% slower steps
     dim: int = 256  # bow encoder: width of the learned projection of the TF-IDF vector (0: the vector itself)
     activation: str = "none"  # bow encoder: none (linear projection), relu, gelu or tanh after it
+    weighting: str = "tfidf"  # bow encoder: tfidf (log1p(tf) * idf) or log1p (log1p(tf), as PECOS);
+    # rows are L2-normalized either way
     vocab_size: int = 50_000  # bow over raw text: keep the most frequent words (by document frequency)
     min_df: int = 2  # bow over raw text: ignore words in fewer training documents
     freeze: bool = False  # train only the classifier (the fixed-feature setting)
@@ -145,6 +147,7 @@ CHOICES = {
     "encoder.type": ("bow", "transformer", "features"),
     "encoder.pooling": ("cls", "mean"),
     "encoder.activation": ("none", "relu", "gelu", "tanh"),
+    "encoder.weighting": ("tfidf", "log1p"),
     "classifier.type": ("dense", "fixed_fanin", "rps"),
     "classifier.ids": ("random", "centroid"),
     "classifier.bias_init": ("uniform", "prior"),

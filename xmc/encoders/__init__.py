@@ -6,7 +6,15 @@ every inputs object has ``__len__`` and ``batch(rows) -> dict[str, Tensor]`` (CP
 """
 
 from xmc.encoders.base import Encoder, Inputs, SplitSource
-from xmc.encoders.bow import BowEncoder, BowInputs, build_vocabulary, count_matrix, fit_idf, tfidf
+from xmc.encoders.bow import (
+    BowEncoder,
+    BowInputs,
+    build_vocabulary,
+    count_matrix,
+    fit_idf,
+    fit_weights,
+    tfidf,
+)
 from xmc.encoders.build import build_encoder_and_inputs, encode_all
 from xmc.encoders.features import FeaturesEncoder, FeaturesInputs, load_features
 from xmc.encoders.transformer import (
@@ -33,6 +41,7 @@ __all__ = [
     "count_matrix",
     "encode_all",
     "fit_idf",
+    "fit_weights",
     "load_features",
     "load_tokenizer",
     "resolve_model_path",

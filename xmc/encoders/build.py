@@ -9,7 +9,7 @@ import torch
 
 from xmc.config import EncoderConfig
 from xmc.encoders.base import Encoder, Inputs, SplitSource, cache_identity
-from xmc.encoders.bow import BowEncoder, BowInputs, build_vocabulary, count_matrix, fit_idf, tfidf
+from xmc.encoders.bow import BowEncoder, BowInputs, build_vocabulary, count_matrix, fit_weights, tfidf
 from xmc.encoders.features import FeaturesEncoder, FeaturesInputs
 from xmc.encoders.transformer import (
     TransformerEncoder,
@@ -123,7 +123,7 @@ def _build_bow(
                 "lower encoder.min_df"
             )
         counts = {name: count_matrix(split.texts(), vocabulary) for name, split in splits.items()}
-    idf = fit_idf(counts[TRAIN])
+    idf = fit_weights(counts[TRAIN], config.weighting)
     inputs: dict[str, Inputs] = {name: BowInputs(tfidf(X, idf)) for name, X in counts.items()}
     if config.dim:
         log.info("bow encoder: %d features -> %d dims", len(idf), config.dim)

@@ -93,7 +93,7 @@ def _label_clusters(config: Config, data, inputs) -> np.ndarray:
 def _train_inputs(config: Config, data, inputs):
     """The training split's (X, Y), X the TF-IDF rows or embeddings the encoder reads (for a transformer,
     a TF-IDF of the training texts)."""
-    from xmc.encoders import build_vocabulary, count_matrix, fit_idf, tfidf
+    from xmc.encoders import build_vocabulary, count_matrix, fit_weights, tfidf
 
     split = data.splits["train"]
     source = data.sources[split.source]
@@ -104,7 +104,7 @@ def _train_inputs(config: Config, data, inputs):
             source.texts, source.sources, config.encoder.vocab_size, config.encoder.min_df, source.variant
         )
         counts = count_matrix(source.texts(), vocabulary)
-        X = tfidf(counts, fit_idf(counts))
+        X = tfidf(counts, fit_weights(counts, config.encoder.weighting))
     return X[split.rows], split.Y
 
 
