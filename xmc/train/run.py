@@ -93,13 +93,16 @@ def _label_clusters(config: Config, data, inputs) -> np.ndarray:
 def _train_inputs(config: Config, data, inputs):
     """The training split's (X, Y), X the TF-IDF rows or embeddings the encoder reads (for a transformer,
     a TF-IDF of the training texts)."""
-    from xmc.encoders import build_vocabulary, count_matrix, fit_weights, tfidf
+    from xmc.encoders import BowInputs, build_vocabulary, count_matrix, fit_weights, tfidf
 
     split = data.splits["train"]
     source = data.sources[split.source]
-    if source.X is not None or source.features is not None:
-        X = inputs[split.source].X if source.X is not None else np.asarray(source.features)
-    else:
+    encoded = inputs[split.source]
+    if isinstance(encoded, BowInputs):  # the bow encoder's own rows (bag-of-words files or raw text)
+        X = encoded.X
+    elif source.features is not None:
+        X = np.asarray(source.features)
+    else:  # a transformer over raw text
         vocabulary = build_vocabulary(
             source.texts, source.sources, config.encoder.vocab_size, config.encoder.min_df, source.variant
         )
