@@ -17,24 +17,31 @@ scatter: slot (l, j) adds into column idx[l, j]. D is small (768) while L * K is
 make the result depend on arrival order. Instead we build, once per sparsity pattern, its transpose in CSC
 form (``column_transpose``): ``col_ptr (D + 1,)`` int64 and ``slots (L * K,)`` holding the flat slot ids
 ``l * K + j`` sorted by column (stable, so slots of one column stay in row order). A program then owns a
-block of columns and a block of batch rows and gathers every slot of its columns: no races, no atomics, the
-same sum in the same order on every run. The transpose costs one stable sort of L * K ids and 4 bytes per
-slot (int32 ``slots``; int64 once L * K >= 2**31); the caller keeps it and recomputes it only when the ids
-change (after SET rewiring).
+block of columns and gathers every slot of its columns: no races, no atomics, the same sum in the same
+order on every run. The transpose costs a stable counting sort of L * K ids (chunked, so its temporaries
+stay small) and 4 bytes per slot (int32 ``slots``; int64 once L * K >= 2**31); the caller keeps it and
+recomputes it only when the ids change (after SET rewiring).
+
+Layouts for coalesced gathers. Every kernel gathers B values per slot. The forward and the weight gradient
+read them from x transposed (D, B), where they are one contiguous row; the input gradient reads them from
+grad_out transposed, a range of labels at a time (a 32 MiB buffer that stays in L2, so the B x L gradient
+is never copied whole): inside a column's segment the slots of a label range are contiguous (row order),
+found by binary search, and each column's part is cut into up to 8 splits whose partial sums are added in
+a fixed order.
 
 Memory traffic (s_x, s_w, s_g, s_o: bytes per element of x, weight, grad_out, out; s_i: bytes per id, 2 or 4;
-s_s: bytes per CSC slot id, 4 or 8; Bb = ceil(B / BLOCK_B) batch blocks; Kb = ceil(K / BLOCK_K)):
+s_s: bytes per CSC slot id, 4 or 8; Bb = ceil(B / 128) batch blocks):
 
-    forward      weight + ids   Bb * L * K * (s_w + s_i)   (once per batch block)
-                 x gathers      B * L * K * s_x            (served from L2: x itself is only B * D * s_x)
+    forward      weight + ids   Bb * L * K * (s_w + s_i)
+                 x gathers      B * L * K * s_x            (rows of x^T, served from L2)
                  out            B * L * s_o                (written)
-    input grad   slots          Bb * L * K * s_s  +  (D + 1) * 8
-                 weight         Bb * L * K * s_w           (gathered in column order: scattered reads)
-                 grad_out       B * L * K * s_g            (gathered, B values per slot)
-                 grad_x         B * D * s_x                (written)
+    input grad   grad_out       2 * B * L * s_g            (read, written transposed per label range)
+                 slots          L * K * s_s
+                 weight         L * K * s_w                (gathered in column order: scattered reads)
+                 grad_out^T     B * L * K * s_g            (rows of a label range's buffer, from L2)
     weight grad  ids            L * K * s_i
                  x gathers      B * L * K * s_x            (L2)
-                 grad_out       Kb * B * L * s_g
+                 grad_out       B * L * s_g                (once while B <= 128; else once per slot)
                  grad_w, grad_b L * K * s_w  +  L * s_w    (written)
 
 The gathers (B * L * K elements) dominate every kernel; the floor is reading weights and ids once. Closing
@@ -63,8 +70,8 @@ except ImportError:  # Triton is a Linux-only dependency: elsewhere only the ref
     triton = None
     tl = SimpleNamespace(constexpr=int)
 
-    def _jit(fn):
-        return fn
+    def _jit(fn=None, **kwargs):
+        return fn if fn is not None else (lambda f: f)
 
 else:
     _jit = triton.jit
@@ -85,12 +92,18 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int16, torch.int32)
 BACKENDS = ("auto", "triton", "reference")
 
-# Block sizes: fixed, sized so a program's largest gather tile is 4-8K elements (enough work per program on a
-# GPU without spilling registers) and so the interpreter's tests need few programs. GPU tuning comes later.
-_FWD_BLOCK_B, _FWD_BLOCK_L, _FWD_BLOCK_K = 16, 32, 16
-_BWD_X_BLOCK_B, _BWD_X_BLOCK_D, _BWD_X_BLOCK_S = 16, 8, 32
-_BWD_W_BLOCK_B, _BWD_W_BLOCK_L, _BWD_W_BLOCK_K = 16, 32, 16
+# Block sizes. Forward and weight gradient: (BLOCK_L labels, up to 128 batch rows) per program, the batch
+# contiguous in each gathered row of x^T, UNROLL slots' gathers in flight. Input gradient: gather tiles of
+# BLOCK_D columns x BLOCK_S slots x up to 128 batch rows, each column's slots in SPLITS parts. Measured on
+# an H100 in benchmarks/bench_fixed_fanin.py.
+_FWD_BLOCK_L, _FWD_MAX_BLOCK_B, _UNROLL = 64, 128, 4
+_BWD_X_MAX_BLOCK_B, _BWD_X_BLOCK_D, _BWD_X_BLOCK_S, _BWD_X_SPLITS = 128, 4, 16, 8
+_BWD_X_CHUNK_BYTES = 2**25  # the transposed gradients of one label range (32 MiB: L2-resident on an H100)
+_BWD_X_SPLIT_SLOTS = 256  # a column's slots are split only into parts of at least this many
+_BWD_W_BLOCK_L, _BWD_W_MAX_BLOCK_B = 64, 128
 
+# The column transpose sorts this many slots at a time (bounds its int64 temporaries to ~0.3 GiB).
+TRANSPOSE_CHUNK = 2**23
 # The reference keeps each gathered ``x[:, idx[chunk]]`` tensor under this many elements.
 REFERENCE_CHUNK_ELEMENTS = 2**24
 # The reference weight gradient computes the dense (chunk, D) product g^T x and samples it at the ids while
@@ -106,7 +119,7 @@ SAMPLED_WIDTH_RATIO = 16
 
 @_jit
 def _fixed_fanin_fwd_kernel(
-    x_ptr,
+    xt_ptr,
     w_ptr,
     idx_ptr,
     bias_ptr,
@@ -114,8 +127,8 @@ def _fixed_fanin_fwd_kernel(
     B,
     L,
     K,
-    stride_xb,
     stride_xd,
+    stride_xb,
     stride_wl,
     stride_wk,
     stride_il,
@@ -125,67 +138,88 @@ def _fixed_fanin_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_L: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
-    """One program: out[b, l] for BLOCK_B batch rows x BLOCK_L labels, walking K in tiles of BLOCK_K."""
+    """One program: out[b, l] for BLOCK_L labels x BLOCK_B batch rows, one slot at a time. ``xt`` is x
+    transposed (D, B), so a slot's B inputs are one contiguous, coalesced row read (from L2: x is small)."""
     pid_l = tl.program_id(0).to(tl.int64)
-    pid_b = tl.program_id(1).to(tl.int64)
+    pid_b = tl.program_id(1)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,) int64
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,) int64
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,) int32: B * D < 2**31
     mask_l = offs_l < L
     mask_b = offs_b < B
+    w_rows = w_ptr + offs_l * stride_wl
+    i_rows = idx_ptr + offs_l * stride_il
+    slot0 = tl.zeros((BLOCK_L,), dtype=tl.int32)  # the slot number as a vector, for the masks
 
-    acc = tl.zeros((BLOCK_B, BLOCK_L), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_lk = mask_l[:, None] & (offs_k[None, :] < K)  # (BLOCK_L, BLOCK_K)
-        w = tl.load(
-            w_ptr + offs_l[:, None] * stride_wl + offs_k[None, :] * stride_wk, mask=mask_lk, other=0.0
-        )
-        cols = tl.load(
-            idx_ptr + offs_l[:, None] * stride_il + offs_k[None, :] * stride_ik, mask=mask_lk, other=0
-        )
-        cols = cols.to(tl.int32)
-        # (BLOCK_B, BLOCK_L, BLOCK_K) gather of x; rows of x are short, so these hit L2.
-        xv = tl.load(
-            x_ptr + offs_b[:, None, None] * stride_xb + cols[None, :, :] * stride_xd,
-            mask=mask_b[:, None, None] & mask_lk[None, :, :],
-            other=0.0,
-        )
-        acc += tl.sum(xv.to(tl.float32) * w.to(tl.float32)[None, :, :], axis=2)
+    acc = tl.zeros((BLOCK_L, BLOCK_B), dtype=tl.float32)
+    for k0 in range(0, K, UNROLL):
+        for u in tl.static_range(UNROLL):  # independent gathers in flight
+            mask = mask_l & (slot0 + (k0 + u) < K)
+            w = tl.load(w_rows + (k0 + u) * stride_wk, mask=mask, other=0.0).to(tl.float32)
+            cols = tl.load(i_rows + (k0 + u) * stride_ik, mask=mask, other=0).to(tl.int32)
+            xv = tl.load(
+                xt_ptr + cols[:, None] * stride_xd + offs_b[None, :] * stride_xb,
+                mask=mask[:, None] & mask_b[None, :],
+                other=0.0,
+            )  # (BLOCK_L, BLOCK_B)
+            acc += w[:, None] * xv.to(tl.float32)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_l, mask=mask_l, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    out_offs = offs_b[:, None] * stride_ob + offs_l[None, :] * stride_ol
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_l[None, :])
+        acc += bias.to(tl.float32)[:, None]
+    out_offs = offs_b.to(tl.int64)[None, :] * stride_ob + offs_l[:, None] * stride_ol
+    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask_l[:, None] & mask_b[None, :])
 
 
 @_jit
+def _lower_bound(slots_ptr, lo, hi, target, steps):
+    """Per lane, the first position p in [lo, hi) with slots[p] >= target (hi if none): a column's segment
+    is sorted by slot id (stable transpose), so this finds where a row range starts inside it. ``steps``
+    bounds log2 of a segment's length (a loop, not unrolled: one compilation for every size)."""
+    for _ in range(steps):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        v = tl.load(slots_ptr + mid, mask=active, other=0).to(tl.int64)
+        less = active & (v < target)
+        lo = tl.where(less, mid + 1, lo)
+        hi = tl.where(active & ~less, mid, hi)
+    return lo
+
+
+@_jit(do_not_specialize=["row0", "row1", "steps"])
 def _fixed_fanin_bwd_x_kernel(
-    grad_out_ptr,
+    gt_ptr,
     w_ptr,
     col_ptr_ptr,
     slots_ptr,
-    grad_x_ptr,
+    part_ptr,
     B,
     D,
     K,
+    row0,
+    row1,
+    steps,
+    stride_gr,
     stride_gb,
-    stride_gl,
     stride_wl,
     stride_wk,
-    stride_xb,
-    stride_xd,
+    stride_ps,
+    stride_pb,
+    stride_pd,
+    SPLITS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    """One program: grad_x[b, d] for BLOCK_B batch rows x BLOCK_D columns, gathering BLOCK_S slots per
-    column per step from the CSC transpose. Under random wiring the columns of a block hold about the same
-    number of slots, so looping to the longest one wastes little."""
-    pid_d = tl.program_id(0).to(tl.int64)
-    pid_b = tl.program_id(1).to(tl.int64)
+    """One program: the partial input gradient part[split, b, d] of labels row0..row1-1 for BLOCK_D columns
+    x BLOCK_B batch rows, over its split (one of SPLITS) of each column's slots in that label range.
+
+    ``gt`` is grad_out[:, row0:row1] transposed (rows, B): a slot's B gradients are one contiguous row,
+    read from L2 (the host sizes the label range so ``gt`` stays small)."""
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_b = tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_d = offs_d < D
@@ -193,32 +227,36 @@ def _fixed_fanin_bwd_x_kernel(
 
     start = tl.load(col_ptr_ptr + offs_d, mask=mask_d, other=0)  # (BLOCK_D,) int64
     end = tl.load(col_ptr_ptr + offs_d + 1, mask=mask_d, other=0)
-    longest = tl.max(end - start, axis=0)
+    row0 = row0.to(tl.int64)  # row0 * K may pass 2**31
+    first = _lower_bound(slots_ptr, start, end, row0 * K, steps)  # this label range's part of column d
+    last = _lower_bound(slots_ptr, first, end, row1.to(tl.int64) * K, steps)
+    share = (last - first + SPLITS - 1) // SPLITS
+    lo = first + pid_s * share
+    hi = tl.minimum(lo + share, last)
+    longest = tl.max(hi - lo, axis=0)
 
-    acc = tl.zeros((BLOCK_B, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_D, BLOCK_B), dtype=tl.float32)
     for s0 in range(0, longest, BLOCK_S):
-        pos = start[:, None] + s0 + tl.arange(0, BLOCK_S)[None, :]  # (BLOCK_D, BLOCK_S) positions in slots
-        mask_s = pos < end[:, None]
+        pos = lo[:, None] + s0 + tl.arange(0, BLOCK_S)[None, :]  # (BLOCK_D, BLOCK_S) positions in slots
+        mask_s = pos < hi[:, None]
         slot = tl.load(slots_ptr + pos, mask=mask_s, other=0).to(tl.int64)
         row = slot // K
         w = tl.load(w_ptr + row * stride_wl + (slot - row * K) * stride_wk, mask=mask_s, other=0.0)
         g = tl.load(
-            grad_out_ptr + offs_b[:, None, None] * stride_gb + row[None, :, :] * stride_gl,
-            mask=mask_b[:, None, None] & mask_s[None, :, :],
+            gt_ptr + (row - row0)[:, :, None] * stride_gr + offs_b[None, None, :] * stride_gb,
+            mask=mask_s[:, :, None] & mask_b[None, None, :],
             other=0.0,
-        )  # (BLOCK_B, BLOCK_D, BLOCK_S)
-        acc += tl.sum(g.to(tl.float32) * w.to(tl.float32)[None, :, :], axis=2)
+        )  # (BLOCK_D, BLOCK_S, BLOCK_B)
+        acc += tl.sum(g.to(tl.float32) * w.to(tl.float32)[:, :, None], axis=1)
 
-    out_offs = offs_b[:, None] * stride_xb + offs_d[None, :] * stride_xd
-    tl.store(
-        grad_x_ptr + out_offs, acc.to(grad_x_ptr.dtype.element_ty), mask=mask_b[:, None] & mask_d[None, :]
-    )
+    out = part_ptr + pid_s * stride_ps + offs_b[None, :] * stride_pb + offs_d[:, None] * stride_pd
+    tl.store(out, acc, mask=mask_d[:, None] & mask_b[None, :])
 
 
 @_jit
 def _fixed_fanin_bwd_w_kernel(
     grad_out_ptr,
-    x_ptr,
+    xt_ptr,
     idx_ptr,
     grad_w_ptr,
     grad_b_ptr,
@@ -227,58 +265,80 @@ def _fixed_fanin_bwd_w_kernel(
     K,
     stride_gb,
     stride_gl,
-    stride_xb,
     stride_xd,
+    stride_xb,
     stride_il,
     stride_ik,
     stride_wl,
     stride_wk,
     NEED_W: tl.constexpr,
     NEED_B: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_L: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
-    """One program: grad_w for BLOCK_L labels x BLOCK_K slots (and grad_b for those labels in the first
-    slot block), looping over the whole batch in steps of BLOCK_B. Programs own disjoint outputs: no races."""
+    """One program: grad_w for BLOCK_L labels x all K slots, and grad_b for those labels. When the batch fits
+    one block (``ONE_BLOCK``), the gradient tile g[:, labels] stays in registers while the slots stream by;
+    otherwise each slot walks the batch in blocks. Programs own disjoint outputs: no races."""
     pid_l = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1)
     offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_l = offs_l < L
-    mask_lk = mask_l[:, None] & (offs_k[None, :] < K)
-    if NEED_W:
-        cols = tl.load(
-            idx_ptr + offs_l[:, None] * stride_il + offs_k[None, :] * stride_ik, mask=mask_lk, other=0
-        )
-        cols = cols.to(tl.int32)
+    offs_b = tl.arange(0, BLOCK_B)
+    i_rows = idx_ptr + offs_l * stride_il
+    w_rows = grad_w_ptr + offs_l * stride_wl
+    slot0 = tl.zeros((BLOCK_L,), dtype=tl.int32)  # the slot number as a vector, for the masks
 
-    acc_w = tl.zeros((BLOCK_L, BLOCK_K), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_L,), dtype=tl.float32)
-    for b0 in range(0, B, BLOCK_B):
-        offs_b = tl.arange(0, BLOCK_B).to(tl.int64) + b0
+    if ONE_BLOCK:
         mask_b = offs_b < B
         g = tl.load(
-            grad_out_ptr + offs_b[:, None] * stride_gb + offs_l[None, :] * stride_gl,
-            mask=mask_b[:, None] & mask_l[None, :],
+            grad_out_ptr + offs_b.to(tl.int64)[None, :] * stride_gb + offs_l[:, None] * stride_gl,
+            mask=mask_l[:, None] & mask_b[None, :],
             other=0.0,
-        ).to(tl.float32)  # (BLOCK_B, BLOCK_L)
-        if NEED_W:
-            xv = tl.load(
-                x_ptr + offs_b[:, None, None] * stride_xb + cols[None, :, :] * stride_xd,
-                mask=mask_b[:, None, None] & mask_lk[None, :, :],
-                other=0.0,
-            )  # (BLOCK_B, BLOCK_L, BLOCK_K)
-            acc_w += tl.sum(g[:, :, None] * xv.to(tl.float32), axis=0)
+        ).to(tl.float32)  # (BLOCK_L, BLOCK_B)
         if NEED_B:
-            acc_b += tl.sum(g, axis=0)
-
-    if NEED_W:
-        w_offs = offs_l[:, None] * stride_wl + offs_k[None, :] * stride_wk
-        tl.store(grad_w_ptr + w_offs, acc_w.to(grad_w_ptr.dtype.element_ty), mask=mask_lk)
-    if NEED_B:
-        if pid_k == 0:
+            tl.store(grad_b_ptr + offs_l, tl.sum(g, axis=1).to(grad_b_ptr.dtype.element_ty), mask=mask_l)
+        if NEED_W:
+            for k0 in range(0, K, UNROLL):
+                for u in tl.static_range(UNROLL):
+                    mask = mask_l & (slot0 + (k0 + u) < K)
+                    cols = tl.load(i_rows + (k0 + u) * stride_ik, mask=mask, other=0).to(tl.int32)
+                    xv = tl.load(
+                        xt_ptr + cols[:, None] * stride_xd + offs_b[None, :] * stride_xb,
+                        mask=mask[:, None] & mask_b[None, :],
+                        other=0.0,
+                    )
+                    gw = tl.sum(g * xv.to(tl.float32), axis=1)
+                    tl.store(w_rows + (k0 + u) * stride_wk, gw.to(grad_w_ptr.dtype.element_ty), mask=mask)
+    else:
+        if NEED_B:
+            acc_b = tl.zeros((BLOCK_L,), dtype=tl.float32)
+            for b0 in range(0, B, BLOCK_B):
+                ob = b0 + offs_b
+                g = tl.load(
+                    grad_out_ptr + ob.to(tl.int64)[None, :] * stride_gb + offs_l[:, None] * stride_gl,
+                    mask=mask_l[:, None] & (ob < B)[None, :],
+                    other=0.0,
+                )
+                acc_b += tl.sum(g.to(tl.float32), axis=1)
             tl.store(grad_b_ptr + offs_l, acc_b.to(grad_b_ptr.dtype.element_ty), mask=mask_l)
+        if NEED_W:
+            for k in range(0, K):
+                cols = tl.load(i_rows + k * stride_ik, mask=mask_l, other=0).to(tl.int32)
+                acc = tl.zeros((BLOCK_L,), dtype=tl.float32)
+                for b0 in range(0, B, BLOCK_B):
+                    ob = b0 + offs_b
+                    mask = mask_l[:, None] & (ob < B)[None, :]
+                    g = tl.load(
+                        grad_out_ptr + ob.to(tl.int64)[None, :] * stride_gb + offs_l[:, None] * stride_gl,
+                        mask=mask,
+                        other=0.0,
+                    )
+                    xv = tl.load(
+                        xt_ptr + cols[:, None] * stride_xd + ob[None, :] * stride_xb, mask=mask, other=0.0
+                    )
+                    acc += tl.sum(g.to(tl.float32) * xv.to(tl.float32), axis=1)
+                tl.store(w_rows + k * stride_wk, acc.to(grad_w_ptr.dtype.element_ty), mask=mask_l)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -352,11 +412,25 @@ def column_transpose(indices: torch.Tensor, in_features: int) -> tuple[torch.Ten
         lo, hi = torch.aminmax(flat)
         if int(lo) < 0 or int(hi) >= in_features:
             raise ValueError(f"indices must lie in [0, {in_features}), found [{int(lo)}, {int(hi)}]")
-    col_ptr = torch.zeros(in_features + 1, dtype=torch.int64, device=indices.device)
-    torch.cumsum(torch.bincount(flat, minlength=in_features), dim=0, out=col_ptr[1:])
-    slots = torch.argsort(flat, stable=True)
-    if flat.numel() < 2**31:
-        slots = slots.to(torch.int32)
+    device, total = indices.device, flat.numel()
+    counts = torch.bincount(flat, minlength=in_features)
+    col_ptr = torch.zeros(in_features + 1, dtype=torch.int64, device=device)
+    torch.cumsum(counts, dim=0, out=col_ptr[1:])
+    slots = torch.empty(total, dtype=torch.int32 if total < 2**31 else torch.int64, device=device)
+    # A stable counting sort, a chunk of slots at a time: a slot's place is its column's start, plus the
+    # slots of that column in earlier chunks, plus its rank among the chunk's slots of that column. The
+    # result equals a global stable argsort, but the int64 temporaries stay at the chunk's size rather
+    # than 8 bytes per slot of the whole layer (1.4 GiB at L = 2.8M, K = 64).
+    placed = col_ptr[:-1].clone()  # next free position of each column
+    for lo in range(0, total, TRANSPOSE_CHUNK):
+        part = flat[lo : lo + TRANSPOSE_CHUNK]
+        order = torch.argsort(part, stable=True)
+        cols = part[order].long()
+        part_counts = torch.bincount(cols, minlength=in_features)
+        first = torch.cumsum(part_counts, dim=0) - part_counts  # each column's first place in `cols`
+        rank = torch.arange(cols.numel(), device=device) - first[cols]
+        slots[placed[cols] + rank] = (order + lo).to(slots.dtype)
+        placed += part_counts
     return col_ptr, slots
 
 
@@ -388,10 +462,11 @@ def fixed_fanin_forward_triton(
     out = _new_output((B, L), x.dtype, x.device)
     if out.numel() == 0:
         return out
-    block_b, block_k = _block(B, _FWD_BLOCK_B), _block(K, _FWD_BLOCK_K)
+    xt = x.t().contiguous()  # (D, B): a slot's B inputs are contiguous
+    block_b = _block(B, _FWD_MAX_BLOCK_B)
     grid = (triton.cdiv(L, _FWD_BLOCK_L), triton.cdiv(B, block_b))
     _fixed_fanin_fwd_kernel[grid](
-        x,
+        xt,
         weight,
         indices,
         bias if bias is not None else weight,  # never read without HAS_BIAS
@@ -399,8 +474,8 @@ def fixed_fanin_forward_triton(
         B,
         L,
         K,
-        x.stride(0),
-        x.stride(1),
+        xt.stride(0),
+        xt.stride(1),
         weight.stride(0),
         weight.stride(1),
         indices.stride(0),
@@ -410,9 +485,58 @@ def fixed_fanin_forward_triton(
         HAS_BIAS=bias is not None,
         BLOCK_B=block_b,
         BLOCK_L=_FWD_BLOCK_L,
-        BLOCK_K=block_k,
+        UNROLL=_UNROLL,
+        num_warps=8 if block_b >= 64 else 4,
     )
     return out
+
+
+def _input_gradient(
+    grad_out: torch.Tensor, weight: torch.Tensor, col_ptr: torch.Tensor, slots: torch.Tensor, D: int
+) -> torch.Tensor:
+    """grad_x (B, D) in fp32, a range of labels at a time: each range's gradients are transposed into a
+    small (rows, B) buffer that stays in L2, and its SPLITS partial sums per column are added in a fixed
+    order (deterministic, no atomics)."""
+    B = grad_out.shape[0]
+    L, K = weight.shape
+    rows = max(1, _BWD_X_CHUNK_BYTES // (B * grad_out.element_size()))
+    block_b = _block(B, _BWD_X_MAX_BLOCK_B)
+    steps = max(1, (L * K).bit_length() + 1)  # binary-search rounds: enough for any column's segment
+    # Splits give a GPU enough programs; small layers (and the interpreter) need one.
+    splits = max(1, min(_BWD_X_SPLITS, min(rows, L) * K // (D * _BWD_X_SPLIT_SLOTS)))
+    grid = (triton.cdiv(D, _BWD_X_BLOCK_D), splits, triton.cdiv(B, block_b))
+    parts = _new_output((splits, B, D), torch.float32, grad_out.device)
+    total = torch.zeros((B, D), dtype=torch.float32, device=grad_out.device)
+    for row0 in range(0, L, rows):
+        row1 = min(L, row0 + rows)
+        gt = grad_out[:, row0:row1].t().contiguous()  # (rows, B)
+        _fixed_fanin_bwd_x_kernel[grid](
+            gt,
+            weight,
+            col_ptr,
+            slots,
+            parts,
+            B,
+            D,
+            K,
+            row0,
+            row1,
+            steps,
+            gt.stride(0),
+            gt.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            parts.stride(0),
+            parts.stride(1),
+            parts.stride(2),
+            SPLITS=splits,
+            BLOCK_B=block_b,
+            BLOCK_D=_BWD_X_BLOCK_D,
+            BLOCK_S=_BWD_X_BLOCK_S,
+            num_warps=4,
+        )
+        total += parts.sum(dim=0)
+    return total
 
 
 def fixed_fanin_backward_triton(
@@ -461,38 +585,18 @@ def fixed_fanin_backward_triton(
         col_ptr, slots = col_ptr.contiguous(), slots.contiguous()
         grad_x = _new_output((B, D), x.dtype, x.device)
         if grad_x.numel():
-            block_b = _block(B, _BWD_X_BLOCK_B)
-            grid = (triton.cdiv(D, _BWD_X_BLOCK_D), triton.cdiv(B, block_b))
-            _fixed_fanin_bwd_x_kernel[grid](
-                grad_out,
-                weight,
-                col_ptr,
-                slots,
-                grad_x,
-                B,
-                D,
-                K,
-                grad_out.stride(0),
-                grad_out.stride(1),
-                weight.stride(0),
-                weight.stride(1),
-                grad_x.stride(0),
-                grad_x.stride(1),
-                BLOCK_B=block_b,
-                BLOCK_D=_BWD_X_BLOCK_D,
-                BLOCK_S=_BWD_X_BLOCK_S,
-            )
+            grad_x.copy_(_input_gradient(grad_out, weight, col_ptr, slots, D))
 
     if need_w:
         grad_w = _new_output((L, K), weight.dtype, weight.device)
     if need_b:
         grad_b = _new_output((L,), weight.dtype, weight.device)
     if (need_w and grad_w.numel()) or (need_b and grad_b.numel()):
-        block_b, block_k = _block(B, _BWD_W_BLOCK_B), _block(K, _BWD_W_BLOCK_K)
-        grid = (triton.cdiv(L, _BWD_W_BLOCK_L), max(1, triton.cdiv(K, block_k)) if need_w else 1)
-        _fixed_fanin_bwd_w_kernel[grid](
+        xt = x.t().contiguous()  # (D, B)
+        block_b = _block(B, _BWD_W_MAX_BLOCK_B)
+        _fixed_fanin_bwd_w_kernel[(triton.cdiv(L, _BWD_W_BLOCK_L),)](
             grad_out,
-            x,
+            xt,
             indices,
             grad_w if need_w else weight,  # placeholders are never written
             grad_b if need_b else weight,
@@ -501,17 +605,19 @@ def fixed_fanin_backward_triton(
             K,
             grad_out.stride(0),
             grad_out.stride(1),
-            x.stride(0),
-            x.stride(1),
+            xt.stride(0),
+            xt.stride(1),
             indices.stride(0),
             indices.stride(1),
             weight.stride(0),  # grad_w is a fresh contiguous (L, K) tensor: same strides as weight
             weight.stride(1),
             NEED_W=need_w,
             NEED_B=need_b,
+            ONE_BLOCK=B <= block_b,
             BLOCK_B=block_b,
             BLOCK_L=_BWD_W_BLOCK_L,
-            BLOCK_K=block_k,
+            UNROLL=_UNROLL,
+            num_warps=8 if block_b >= 64 else 4,
         )
     return grad_x, grad_w, grad_b
 

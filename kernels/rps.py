@@ -70,6 +70,7 @@ from functools import cached_property
 
 import torch
 from torch.autograd.function import once_differentiable
+from xmc.kernels.hash32 import fold32
 
 from xmc.hashing import hash_keys, mix32
 
@@ -112,9 +113,6 @@ BACKENDS = ("auto", "triton", "reference")
 
 _M32 = 0xFFFFFFFF
 _SALTS = {"hashednet": 0x48A5, "roast": 0x52F1, "stable": 0x5713, "sign": 0x5167}
-_GOLDEN = tl.constexpr(0x9E3779B9)
-_C1 = tl.constexpr(0x7FEB352D)
-_C2 = tl.constexpr(0x846CA68B)
 
 # Fixed block sizes (GPU tuning comes later); tl.dot needs every block dimension >= 16.
 _FWD_BLOCK_L, _FWD_BLOCK_D, _MAX_BLOCK_B = 64, 32, 64
@@ -290,21 +288,6 @@ def _table(mapping, start, num_rows, cache, device) -> torch.Tensor:
 
 
 @_jit
-def _mix32(x):
-    """xmc.hashing.mix32 on uint32 (products wrap mod 2**32)."""
-    x = x ^ (x >> 16)
-    x = x * _C1
-    x = x ^ (x >> 15)
-    x = x * _C2
-    return x ^ (x >> 16)
-
-
-@_jit
-def _fold32(state, key):
-    return _mix32((state ^ key) + _GOLDEN)
-
-
-@_jit
 def _rps_map(
     rows,
     cols,
@@ -322,11 +305,11 @@ def _rps_map(
     (BLOCK_L, BLOCK_D); :func:`rps_slots` bit for bit. METHOD: 0 hashednet, 1 roast, 2 stable."""
     s = seed_slot.to(tl.uint32)
     if METHOD == 0:
-        slot = _fold32(_fold32(s, rows.to(tl.uint32)), cols.to(tl.uint32)).to(tl.int64) % M
+        slot = fold32(fold32(s, rows.to(tl.uint32)), cols.to(tl.uint32)).to(tl.int64) % M
     elif METHOD == 1:
         tile_row = rows // TILE_L
         tile_col = cols // TILE_D
-        offset = _fold32(_fold32(s, tile_row.to(tl.uint32)), tile_col.to(tl.uint32)).to(tl.int64) % M
+        offset = fold32(fold32(s, tile_row.to(tl.uint32)), tile_col.to(tl.uint32)).to(tl.int64) % M
         slot = (offset + (rows - tile_row * TILE_L) * TILE_D + (cols - tile_col * TILE_D)) % M
     else:
         tile_row = rows // TILE_L
@@ -336,9 +319,9 @@ def _rps_map(
         v = tile_row * TILE_L * D + height * tile_col * TILE_D
         v = v + (rows - tile_row * TILE_L) * width + (cols - tile_col * TILE_D)
         piece = v // M
-        slot = (v - piece * M + _fold32(s, piece.to(tl.uint32)).to(tl.int64) % M) % M
+        slot = (v - piece * M + fold32(s, piece.to(tl.uint32)).to(tl.int64) % M) % M
     if SIGN:
-        bits = _fold32(_fold32(seed_sign.to(tl.uint32), rows.to(tl.uint32)), (cols >> 5).to(tl.uint32))
+        bits = fold32(fold32(seed_sign.to(tl.uint32), rows.to(tl.uint32)), (cols >> 5).to(tl.uint32))
         sign = 1.0 - 2.0 * ((bits >> (cols & 31).to(tl.uint32)) & 1).to(tl.float32)
     else:
         sign = tl.zeros_like(slot).to(tl.float32) + 1.0

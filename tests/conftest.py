@@ -32,7 +32,7 @@ def shared_file(*parts: str) -> Path:
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.double(), want.double()
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
     return float((got - want).norm() / want.norm().clamp_min(1e-30))
 
 

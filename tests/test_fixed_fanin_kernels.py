@@ -105,8 +105,8 @@ def poisoned(interpreted, monkeypatch):
     monkeypatch.setattr(ff, "_new_output", nan_output)
 
 
-# (B, D, L, K, index dtype, bias): B=1, K=1, D not a multiple of 16, L below / at / above the label block
-# (32), B above the batch block (16), K above the slot block (16), a full row (K == D) and a single label.
+# (B, D, L, K, index dtype, bias): B=1, K=1, D not a multiple of 16, L below / at / above a label block, K not
+# a multiple of the unroll (4), K above 16, a full row (K == D), a single label, B over two batch blocks.
 SHAPES = [
     (1, 24, 33, 5, torch.int16, True),
     (3, 17, 70, 1, torch.int32, True),
@@ -116,6 +116,7 @@ SHAPES = [
     (37, 20, 19, 3, torch.int32, True),
     (3, 38, 21, 17, torch.int16, True),
     (6, 300, 50, 4, torch.int16, True),  # D >= 16 K: the reference's sampled weight gradient
+    (130, 20, 19, 3, torch.int16, True),  # B above the largest batch block (128): two blocks
 ]
 SHAPE_IDS = [f"B{b}-D{d}-L{n}-K{k}-{str(t)[6:]}{'-bias' if bias else ''}" for b, d, n, k, t, bias in SHAPES]
 
@@ -161,6 +162,20 @@ def test_triton_low_precision(dtype, poisoned):
     ):
         assert got.dtype == dtype, what
         assert_close(got, want, LOW_PRECISION_TOL, what)
+
+
+@needs_triton
+def test_triton_input_gradient_in_label_ranges(poisoned, monkeypatch):
+    """The input gradient over several label ranges (each column's slots found by binary search) and split
+    into parts: ranges of 7 labels, parts of at least one slot."""
+    monkeypatch.setattr(ff, "_BWD_X_CHUNK_BYTES", 7 * 3 * 4)  # 7 labels a range at B = 3, fp32
+    monkeypatch.setattr(ff, "_BWD_X_SPLIT_SLOTS", 1)
+    layer = random_layer(3, 11, 40, 5, torch.int16, seed=5)
+    want = dense_oracle(layer)[1]
+    grad_x, _, _ = ff.fixed_fanin_backward(
+        layer.grad_out, layer.x, layer.weight, layer.indices, need_w=False, need_b=False, backend="triton"
+    )
+    assert_close(grad_x, want, FP32_TOL, "grad_x")
 
 
 @needs_triton
@@ -341,11 +356,14 @@ def test_function_grads_only_for_inputs_that_need_them():
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("chunk", [2**23, 17], ids=["one-chunk", "chunks-of-17"])
 @pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32, torch.int64])
-def test_column_transpose(index_dtype):
+def test_column_transpose(index_dtype, chunk, monkeypatch):
+    monkeypatch.setattr(ff, "TRANSPOSE_CHUNK", chunk)  # 17: slots of one row straddle chunk ends
     D, L, K = 13, 29, 5
     indices = random_layer(1, D, L, K, index_dtype, device="cpu").indices
     col_ptr, slots = ff.column_transpose(indices, D)
+    assert torch.equal(slots.long(), torch.argsort(indices.reshape(-1), stable=True))
     assert col_ptr.dtype == torch.int64 and col_ptr.shape == (D + 1,)
     assert slots.dtype == torch.int32 and slots.shape == (L * K,)
     flat = indices.reshape(-1).long()
@@ -372,19 +390,34 @@ def test_column_transpose_rejects_out_of_range():
 # ----------------------------------------------------------------------------------------------------------
 
 
+# (B, L, K, index dtype): the kernel benchmark's batch with a prime L; K odd and not a multiple of the unroll;
+# an odd batch; a batch over three blocks (the weight gradient's multi-block path); one label and one row.
+GPU_SHAPES = [
+    (128, 30_011, 32, torch.int16),
+    (128, 20_011, 129, torch.int32),
+    (37, 9_973, 64, torch.int16),
+    (300, 5_003, 48, torch.int16),
+    (1, 1, 7, torch.int32),
+]
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("index_dtype", "K"), [(torch.int16, 32), (torch.int32, 129)])
-def test_gpu_matches_reference(dtype, index_dtype, K):
-    B, D, L = 128, 768, 30_011
-    layer = random_layer(B, D, L, K, index_dtype, dtype=dtype, device="cuda")
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=[f"B{b}-L{n}-K{k}" for b, n, k, _ in GPU_SHAPES])
+def test_gpu_matches_reference(dtype, shape, poisoned):
+    """Compiled kernels against float64 of the (rounded) inputs; fresh inputs per case, poisoned outputs."""
+    B, L, K, index_dtype = shape
+    D = 768
+    seed = GPU_SHAPES.index(shape) * 2 + (dtype == torch.bfloat16)
+    layer = random_layer(B, D, L, K, index_dtype, dtype=dtype, seed=seed, device="cuda")
     oracle = dense_oracle(layer)
     tol = FP32_TOL if dtype == torch.float32 else LOW_PRECISION_TOL
     out = ff.fixed_fanin_forward(layer.x, layer.weight, layer.indices, layer.bias)  # auto: Triton on CUDA
     transpose = ff.column_transpose(layer.indices, D)
     grads = ff.fixed_fanin_backward(layer.grad_out, layer.x, layer.weight, layer.indices, *transpose)
     for got, want, what in zip((out, *grads), oracle, ("out", "gx", "gw", "gb"), strict=True):
+        assert got.dtype == dtype, what
         assert_close(got, want, tol, what)
     again = ff.fixed_fanin_backward(layer.grad_out, layer.x, layer.weight, layer.indices, *transpose)
     assert torch.equal(grads[0], again[0])  # the gather formulation is deterministic
@@ -392,7 +425,7 @@ def test_gpu_matches_reference(dtype, index_dtype, K):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_gpu_64bit_offsets():
+def test_gpu_64bit_offsets(poisoned):
     """L * K and B * L both above 2**31 (about 23 GB of bf16 / int16 tensors); checked on the last rows."""
     B, D, L, K = 17, 32, 2**27 + 5, 17
     assert L * K > 2**31 and B * L > 2**31
@@ -406,7 +439,9 @@ def test_gpu_64bit_offsets():
     indices = base.to(torch.int16).repeat(L // D + 1, 1)[:L]
     grad_out = torch.randn(B, L, device=dev, dtype=torch.bfloat16, generator=gen)
     lo = L - 300
-    tail = (x, weight[lo:], indices[lo:], bias[lo:])
+    # The oracle: float64 of the bf16 inputs (the last 300 rows).
+    tail = (x.double(), weight[lo:].double(), indices[lo:], bias[lo:].double())
+    g_tail = grad_out[:, lo:].double()
 
     out = ff.fixed_fanin_forward_triton(x, weight, indices, bias)
     assert_close(out[:, lo:], ff.fixed_fanin_forward_reference(*tail), LOW_PRECISION_TOL, "out tail")
@@ -415,7 +450,7 @@ def test_gpu_64bit_offsets():
     _, grad_w, grad_b = ff.fixed_fanin_backward_triton(
         grad_out, x, weight, indices, None, None, False, True, True
     )
-    _, gw_ref, gb_ref = ff.fixed_fanin_backward_reference(grad_out[:, lo:], *tail[:3], False)
+    _, gw_ref, gb_ref = ff.fixed_fanin_backward_reference(g_tail, *tail[:3], False)
     assert_close(grad_w[lo:], gw_ref, LOW_PRECISION_TOL, "grad_w tail")
     assert_close(grad_b[lo:], gb_ref, LOW_PRECISION_TOL, "grad_b tail")
     del grad_w, grad_b
@@ -426,5 +461,5 @@ def test_gpu_64bit_offsets():
     grad_x, _, _ = ff.fixed_fanin_backward_triton(
         grad_out, x, weight, indices, col_ptr, slots, True, False, False
     )
-    gx_ref, _, _ = ff.fixed_fanin_backward_reference(grad_out[:, lo:], *tail[:3], True, False, False)
+    gx_ref, _, _ = ff.fixed_fanin_backward_reference(g_tail, *tail[:3], True, False, False)
     assert_close(grad_x, gx_ref, LOW_PRECISION_TOL, "grad_x tail")

@@ -1,0 +1,337 @@
+"""GPU benchmark of the fixed fan-in kernels against the dense baselines (needs CUDA).
+
+For every (L, K): the Triton forward and forward + backward of the fixed fan-in layer, with bf16 weights and
+with fp32 weights (the layer as trained: fp32 master weights, bf16 activations); beside them, in the same
+process, the two dense baselines over the full (L, D) weight:
+
+- ``dense-fp32-master``: DESIGN.md's step recipe, fp32 weights under bf16 autocast (autocast casts the
+  weight to bf16 on every call; the weight gradient lands in fp32);
+- ``dense-bf16``: a pure-bf16 ``F.linear`` (bf16 weights and gradients).
+
+Every variant's floor is the time to move its bytes once (each input read once, each output written once;
+the formula is printed with the dtypes) at the device-to-device copy bandwidth measured in the same run,
+and each row gives its percentage of that floor. The gathers of ``x`` (B values per connection) are not
+counted in the floor: they are what a better kernel keeps on chip.
+
+Also measured: peak memory allocated by a forward + backward at K = 64 (fixed fan-in module with fp32
+weights under bf16 autocast against the dense fp32-master recipe, parameters included), and the time of
+one SET rewiring (prune 25% of every row, regrow at random, reset Adam moments) at the largest L and K,
+without and with the rebuild of the column transpose the input-gradient kernel needs.
+
+Rows (device, versions, git revision, date, medians with 20th / 80th percentiles from
+``triton.testing.do_bench``) go to ``benchmarks/results/fixed_fanin.jsonl``.
+
+    python benchmarks/bench_fixed_fanin.py [--labels 670091 2812281] [--fan-in 32 64 128] [--batch 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import itertools
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import append_row, git_revision
+
+RESULTS = Path(__file__).parent / "results" / "fixed_fanin.jsonl"
+GIB = 2**30
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def timed(fn) -> dict:
+    """Median and 20th / 80th percentile in ms, CUDA events (do_bench), after warm-up."""
+    import triton.testing
+
+    median, p20, p80 = triton.testing.do_bench(fn, warmup=50, rep=300, quantiles=[0.5, 0.2, 0.8])
+    return {"ms": median, "p20_ms": p20, "p80_ms": p80}
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes per second of a 1 GiB device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.randn(GIB // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src))["ms"]
+    return 2 * GIB / (ms * 1e-3)
+
+
+def matmul_rate(device) -> float:
+    """bf16 tensor-core FLOP/s of an 8192^3 product (random data)."""
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = timed(lambda: a @ b)["ms"]
+    return 2 * n**3 / (ms * 1e-3)
+
+
+def floors(B: int, D: int, L: int, K: int | None, dt_x, dt_w, dt_i, dt_w_grad) -> dict[str, tuple[int, str]]:
+    """Bytes that must move for the forward and the forward + backward, with the formula.
+
+    ``K`` None: the dense (L, D) layer. Inputs read once (x, weight, ids, bias, grad_out), outputs written
+    once (out, grad_x, grad_w, grad_b)."""
+    sx, sw, sg = _size(dt_x), _size(dt_w), _size(dt_w_grad)
+    if K is None:
+        params, params_f = L * D * sw, f"L*D*{sw}"
+        grads, grads_f = L * D * sg + L * sg, f"L*D*{sg} + L*{sg}"
+    else:
+        si = _size(dt_i)
+        params, params_f = L * K * (sw + si), f"L*K*({sw}+{si})"
+        grads, grads_f = L * K * sg + L * sg, f"L*K*{sg} + L*{sg}"
+    bias, bias_f = L * sw, f"L*{sw}"
+    act, act_f = B * D * sx + B * L * sx, f"B*D*{sx} + B*L*{sx}"  # x read, out written (x's dtype)
+    forward = params + bias + act
+    backward_extra = B * L * sx + B * D * sx + grads  # grad_out read, grad_x and weight grads written
+    return {
+        "forward": (forward, f"{params_f} + {bias_f} + {act_f}"),
+        "forward_backward": (
+            forward + backward_extra,
+            f"{params_f} + {bias_f} + {act_f} + B*L*{sx} + B*D*{sx} + {grads_f}",
+        ),
+    }
+
+
+def fixed_variants(x, g, L, K, device):
+    """(name, weight dtype, forward fn, forward+backward fn) of the fixed fan-in layer's Triton kernels."""
+    from xmc.kernels.fixed_fanin import (
+        column_transpose,
+        fixed_fanin_backward_triton,
+        fixed_fanin_forward_triton,
+    )
+
+    from xmc.nn.fixed_fanin import FixedFanInLinear
+
+    layer = FixedFanInLinear(x.shape[1], L, K, device=device)  # hashed ids, as training builds them
+    indices = layer.indices
+    col_ptr, slots = column_transpose(indices, x.shape[1])
+    for w_dtype in (torch.bfloat16, torch.float32):
+        w = layer.weight.detach().to(w_dtype)
+        b = layer.bias.detach().to(w_dtype)
+
+        def forward(w=w, b=b):
+            return fixed_fanin_forward_triton(x, w, indices, b)
+
+        def forward_backward(w=w, b=b):
+            fixed_fanin_forward_triton(x, w, indices, b)
+            return fixed_fanin_backward_triton(g, x, w, indices, col_ptr, slots, True, True, True)
+
+        yield f"fixed-{_name(w_dtype)}-w", w_dtype, indices.dtype, forward, forward_backward
+        del w, b
+
+
+def dense_variants(x, g, L, device):
+    """The two dense baselines over a random (L, D) weight, built one after the other."""
+    D = x.shape[1]
+    gen = torch.Generator(device=device).manual_seed(1)
+    p = {}  # the current variant's parameters; cleared before the next variant allocates its own
+
+    def forward_master():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return F.linear(x, p["w"], p["b"])
+
+    def forward_backward_master():
+        p["w"].grad = p["b"].grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = F.linear(x, p["w"], p["b"])
+        out.backward(g)
+
+    def forward_bf16():
+        with torch.no_grad():
+            return F.linear(x, p["w"], p["b"])
+
+    def forward_backward_bf16():
+        p["w"].grad = p["b"].grad = None
+        F.linear(x, p["w"], p["b"]).backward(g)
+
+    for name, dtype, forward, forward_backward in (
+        ("dense-fp32-master", torch.float32, forward_master, forward_backward_master),
+        ("dense-bf16", torch.bfloat16, forward_bf16, forward_backward_bf16),
+    ):
+        p["w"] = (torch.randn(L, D, device=device, generator=gen) * D**-0.5).to(dtype).requires_grad_()
+        p["b"] = torch.zeros(L, device=device, dtype=dtype, requires_grad=True)
+        yield name, dtype, None, forward, forward_backward
+        p.clear()
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def peak_memory(kind: str, B: int, D: int, L: int, K: int, device) -> dict:
+    """Peak allocated bytes of one forward + backward (second call, after a warm-up), parameters included,
+    with fp32 weights under bf16 autocast (x requires a gradient, as an encoder's output does)."""
+    from xmc.nn.fixed_fanin import FixedFanInLinear
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    if kind == "fixed":
+        module = FixedFanInLinear(D, L, K, device=device)
+    else:
+        module = torch.nn.Linear(D, L, device=device)
+    x = torch.randn(B, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(B, L, device=device, dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()  # from here: parameters and inputs, plus what the step adds
+    for _ in range(2):
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = module(x)
+        out.backward(g)
+        del out
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del module, x, g
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"peak_allocated_bytes": peak, "peak_allocated_gib": peak / GIB}
+
+
+def rewiring(L: int, K: int, D: int, device, repeats: int = 7) -> dict:
+    """Median time of one SET rewiring (fraction 0.25, random regrowth, AdamW moments reset), and of the
+    rewiring plus the rebuild of the column transpose."""
+    from xmc.dst import SET, SETConfig
+    from xmc.nn.fixed_fanin import FixedFanInLinear
+
+    layer = FixedFanInLinear(D, L, K, device=device)
+    optimizer = torch.optim.AdamW([layer.weight], lr=1e-3)
+    layer.weight.grad = torch.randn_like(layer.weight)
+    optimizer.step()  # creates the moments that rewiring resets
+    layer.weight.grad = None
+    schedule = SET(layer, total_steps=10**9, config=SETConfig(fraction=0.25), optimizer=optimizer)
+    rewire_ms, with_transpose_ms, changed = [], [], 0
+    for step in range(1, repeats + 3):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        changed = schedule.rewire(step)
+        torch.cuda.synchronize()
+        middle = time.perf_counter()
+        layer.column_transpose()
+        torch.cuda.synchronize()
+        end = time.perf_counter()
+        if step > 2:  # warm-up rewirings
+            rewire_ms.append((middle - start) * 1e3)
+            with_transpose_ms.append((end - start) * 1e3)
+    rewire_ms.sort()
+    with_transpose_ms.sort()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        schedule.rewire(repeats + 3)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))  # where a rewiring spends
+    del layer, optimizer, schedule
+    return {
+        "rewire_ms": rewire_ms[len(rewire_ms) // 2],
+        "rewire_all_ms": rewire_ms,
+        "rewire_plus_transpose_ms": with_transpose_ms[len(with_transpose_ms) // 2],
+        "slots_regrown": changed,
+    }
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--labels", nargs="+", type=int, default=[670_091, 2_812_281])
+    parser.add_argument("--fan-in", nargs="+", type=int, default=[32, 64, 128])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--memory-fan-in", type=int, default=64)
+    parser.add_argument("--rewire-fan-in", type=int, default=128)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["kernels", "memory", "rewire"])
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_fixed_fanin.py needs a CUDA GPU (it times the compiled Triton kernels)")
+    import triton
+
+    device = torch.device("cuda")
+    B, D = args.batch, args.dim
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git": git_revision(),
+        "date": dt.date.today().isoformat(),
+        "B": B,
+        "D": D,
+    }
+    bandwidth = copy_bandwidth(device)
+    rate = matmul_rate(device)
+    append_row(args.results, {**meta, "bench": "ceilings", "copy_bytes_per_s": bandwidth, "bf16_flops": rate})
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write), bf16 matmul {rate / 1e12:.0f} TFLOP/s")
+
+    table = []
+    gen = torch.Generator(device=device).manual_seed(0)
+    for L in args.labels:
+        x = torch.randn(B, D, device=device, dtype=torch.bfloat16, generator=gen)
+        g = torch.randn(B, L, device=device, dtype=torch.bfloat16, generator=gen)
+        if "kernels" not in args.skip:
+            # Lazily: each variant's tensors are freed before the next one's are built.
+            runs = itertools.chain(
+                ((K, v) for K in args.fan_in for v in fixed_variants(x, g, L, K, device)),
+                ((None, v) for v in dense_variants(x, g, L, device)),
+            )
+            for K, (name, w_dtype, i_dtype, forward, forward_backward) in runs:
+                grad_dtype = w_dtype
+                bytes_ = floors(B, D, L, K, torch.bfloat16, w_dtype, i_dtype, grad_dtype)
+                for what, fn in (("forward", forward), ("forward_backward", forward_backward)):
+                    row = {**meta, "bench": "kernel", "variant": name, "L": L, "K": K, "what": what}
+                    row["weight_dtype"], row["x_dtype"] = _name(w_dtype), "bfloat16"
+                    row["id_dtype"] = _name(i_dtype) if i_dtype else None
+                    try:
+                        row.update(timed(fn))
+                    except Exception as err:  # a failing variant is reported, the others still run
+                        row["error"] = f"{type(err).__name__}: {err}"
+                        append_row(args.results, row)
+                        continue
+                    floor_bytes, formula = bytes_[what]
+                    row["floor_bytes"], row["floor_formula"] = floor_bytes, formula
+                    row["floor_ms"] = floor_bytes / bandwidth * 1e3
+                    row["floor_pct"] = 100 * row["floor_ms"] / row["ms"]
+                    append_row(args.results, row)
+                    table.append(row)
+                gc.collect()
+                torch.cuda.empty_cache()
+        del g
+        gc.collect()
+        torch.cuda.empty_cache()
+        if "memory" not in args.skip:
+            K = args.memory_fan_in
+            peaks = {kind: peak_memory(kind, B, D, L, K, device) for kind in ("fixed", "dense")}
+            ratio = peaks["dense"]["peak_allocated_bytes"] / peaks["fixed"]["peak_allocated_bytes"]
+            row = {**meta, "bench": "peak_memory", "L": L, "K": K, "fixed": peaks["fixed"]}
+            row.update({"dense_fp32_master": peaks["dense"], "dense_over_fixed": ratio})
+            append_row(args.results, row)
+            print(
+                f"L={L} K={K} peak allocated fwd+bwd: fixed {peaks['fixed']['peak_allocated_gib']:.2f} GiB, "
+                f"dense fp32-master {peaks['dense']['peak_allocated_gib']:.2f} GiB ({ratio:.1f}x)"
+            )
+    if "rewire" not in args.skip:
+        L, K = max(args.labels), args.rewire_fan_in
+        row = {**meta, "bench": "set_rewiring", "L": L, "K": K, **rewiring(L, K, D, device)}
+        append_row(args.results, row)
+        print(
+            f"SET rewiring L={L} K={K}: {row['rewire_ms']:.1f} ms median "
+            f"({row['rewire_plus_transpose_ms']:.1f} ms with the column transpose)"
+        )
+
+    print(f"\n{'variant':<22}{'L':>10}{'K':>5} {'what':<17}{'ms':>9}{'floor ms':>10}{'% floor':>9}")
+    for r in table:
+        print(
+            f"{r['variant']:<22}{r['L']:>10}{r['K'] or '-':>5} {r['what']:<17}{r['ms']:>9.3f}"
+            f"{r['floor_ms']:>10.3f}{r['floor_pct']:>8.1f}%"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The 32-bit counter-based hash of :mod:`xmc.hashing`, as Triton helpers for kernels that draw numbers.
+
+``mix32`` is the avalanche mixer and ``fold32(state, key) = mix32((state ^ key) + GOLDEN)`` folds one
+32-bit key into a state, on uint32 tensors whose products and sums wrap mod 2**32: bit for bit the int64
+PyTorch version (``xmc.hashing.hash_keys`` folds each key as its low then its high 32-bit half).
+"""
+
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is a Linux-only dependency: elsewhere only the reference backends exist.
+    from types import SimpleNamespace
+
+    triton = None
+    tl = SimpleNamespace(constexpr=int)
+
+    def _jit(fn=None, **kwargs):
+        return fn if fn is not None else (lambda f: f)
+
+else:
+    _jit = triton.jit
+
+GOLDEN = tl.constexpr(0x9E3779B9)
+C1 = tl.constexpr(0x7FEB352D)
+C2 = tl.constexpr(0x846CA68B)
+
+
+@_jit
+def mix32(x):
+    """xmc.hashing.mix32 on uint32 (products wrap mod 2**32)."""
+    x = x ^ (x >> 16)
+    x = x * C1
+    x = x ^ (x >> 15)
+    x = x * C2
+    return x ^ (x >> 16)
+
+
+@_jit
+def fold32(state, key):
+    """One 32-bit key (uint32) folded into a uint32 state."""
+    return mix32((state ^ key) + GOLDEN)

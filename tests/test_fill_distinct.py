@@ -1,0 +1,85 @@
+"""The Triton draw of distinct ids per row (interpreted on CPU) against the PyTorch loop of fill_distinct."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from xmc.kernels.fill_distinct import fill_distinct_triton  # noqa: E402  (after TRITON_INTERPRET)
+
+from xmc.nn import ids as ids_module  # noqa: E402
+from xmc.nn.fixed_fanin import FixedFanInLinear  # noqa: E402
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"
+)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (R, K, D, share of slots drawn, avoid the old ids): SET's regrowth shape (K = 128 of 768, a quarter, old ids
+# avoided), a full draw (initial ids), K = 1, odd widths and a dense row (K / D near one half).
+CASES = [
+    (30, 128, 768, 0.25, True),
+    (40, 5, 13, 1.0, False),
+    (25, 16, 64, 0.25, True),
+    (20, 7, 100, 0.5, False),
+    (10, 1, 3, 1.0, False),
+    (12, 33, 70, 0.6, False),
+]
+
+
+def _case(R, K, D, share, avoid, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.argsort(torch.rand(R, D, generator=gen), dim=1)[:, :K].to(torch.int16)
+    fill = torch.rand(R, K, generator=gen) < share
+    rows = torch.arange(R) + 2**33 + seed  # global rows above 2**32: both hash halves matter
+    return ids, fill, rows, (ids.clone() if avoid else None)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CASES, ids=[f"R{r}-K{k}-D{d}" for r, k, d, _, _ in CASES])
+def test_kernel_equals_pytorch_loop(case, monkeypatch):
+    R, K, D, share, avoid = case
+    ids, fill, rows, avoid_ids = _case(*case, seed=CASES.index(case))
+    monkeypatch.setattr(ids_module, "_use_kernel", lambda *args: False)
+    want = ids_module.fill_distinct(ids, fill, rows, D, (7, 4, 11), avoid=avoid_ids)
+    dev = [t.to(DEVICE) if t is not None else None for t in (ids, fill, rows, avoid_ids)]
+    got, left = fill_distinct_triton(*dev[:3], D, (7, 4, 11), dev[3], ids_module._MAX_ROUNDS)
+    assert got.dtype == torch.int64
+    assert torch.equal(got.cpu(), want)
+    assert int(left.max()) == 0
+    kept = ~fill
+    assert torch.equal(got.cpu()[kept], ids.long()[kept])
+    assert all(len(set(row.tolist())) == K for row in got.cpu())
+
+
+@needs_triton
+def test_kernel_reports_rows_out_of_rounds():
+    """One free column for two drawn slots (D = 2, id 1 kept): never distinct, so the row reports both."""
+    ids = torch.tensor([[0, 0, 1]], device=DEVICE)
+    fill = torch.tensor([[True, True, False]], device=DEVICE)
+    out, left = fill_distinct_triton(
+        ids, fill, torch.zeros(1, dtype=torch.int64, device=DEVICE), 3, (1,), None, 5
+    )
+    assert int(left[0]) == 2
+    assert int(out[0, 2]) == 1
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_layer_draws_the_cpu_ids():
+    """FixedFanInLinear on CUDA (the kernel) draws the ids the CPU loop draws, and SET regrowth too."""
+    from xmc.dst import SET, SETConfig
+
+    layers = [FixedFanInLinear(768, 5_003, 128, device=d, seed=3) for d in ("cpu", "cuda")]
+    assert torch.equal(layers[0].indices, layers[1].indices.cpu())
+    for layer in layers:
+        SET(layer, total_steps=10**6, config=SETConfig(fraction=0.25)).rewire(step=9)
+    assert torch.equal(layers[0].indices, layers[1].indices.cpu())
+    assert torch.equal(layers[0].weight, layers[1].weight.cpu())
