@@ -55,7 +55,9 @@ def _train(tmp_path: Path, data: Path, name: str, **fields) -> Path:
     [
         {},
         {"intermediate": 16},  # a dense intermediate layer
-        {"intermediate": 16, "intermediate_fan_in": 8, "gamma": 0.6},  # SRigL-ablated intermediate layer
+        # SRigL-ablated intermediate layer. gamma 0.8 removes half the 16 neurons on CPU (fp32 and bf16); 0.6
+        # removed one on CPU and none on an H100, so the test depended on rounding.
+        {"intermediate": 16, "intermediate_fan_in": 8, "gamma": 0.8},
     ],
     ids=["classifier", "dense-intermediate", "ablated-intermediate"],
 )
