@@ -39,6 +39,8 @@ s_s: bytes per CSC slot id, 4 or 8; Bb = ceil(B / 128) batch blocks):
                  slots          L * K * s_s
                  weight         L * K * s_w                (gathered in column order: scattered reads)
                  grad_out^T     B * L * K * s_g            (rows of a label range's buffer, from L2)
+                 partials       R * S * B * D * 4 * 2      (R label ranges, S <= 8 splits; written, summed)
+                 grad_x         B * D * s_x                (written)
     weight grad  ids            L * K * s_i
                  x gathers      B * L * K * s_x            (L2)
                  grad_out       B * L * s_g                (once while B <= 128; else once per slot)

@@ -45,23 +45,25 @@ def fill_distinct(
     num_rows, fan_in = ids.shape
     if fan_in > num_columns:
         raise ValueError(f"cannot draw {fan_in} distinct ids per row from {num_columns} columns")
-    out = ids.to(torch.int64).clone()
     if not bool(fill.any()):
-        return out
+        return ids.to(torch.int64).clone()
     if avoid is not None and fan_in + avoid.shape[1] > num_columns:
         avoid = None  # not enough columns to avoid them all
-    blocked = out if avoid is None else torch.cat([out, avoid.to(torch.int64)], dim=1)
-    blocked_fill = torch.zeros_like(blocked, dtype=torch.bool)
-    blocked_fill[:, :fan_in] = fill
-    # Rejection works well while at most half the columns are blocked; denser rows take the
-    # lowest-hash free columns instead (exact, O(R x D)).
-    if 2 * blocked.shape[1] > num_columns:
-        return _fill_by_ranking(blocked, blocked_fill, rows, num_columns, key)[:, :fan_in]
-    if _use_kernel(ids, fan_in, blocked.shape[1] - fan_in):
+    width = 0 if avoid is None else avoid.shape[1]
+    # Rejection works well while at most half the columns are blocked; denser rows take the lowest-hash
+    # free columns instead (exact, O(R x D)). On CUDA the rejection loop is one Triton kernel.
+    rejection = 2 * (fan_in + width) <= num_columns
+    if rejection and _use_kernel(ids, fan_in, width):
         drawn, left = fill_distinct_triton(ids, fill, rows, num_columns, key, avoid, _MAX_ROUNDS)
         if bool((left > 0).any()):
             raise RuntimeError("could not draw distinct ids (please report this)")
         return drawn
+    out = ids.to(torch.int64).clone()
+    blocked = out if avoid is None else torch.cat([out, avoid.to(torch.int64)], dim=1)
+    if not rejection:
+        blocked_fill = torch.zeros_like(blocked, dtype=torch.bool)
+        blocked_fill[:, :fan_in] = fill
+        return _fill_by_ranking(blocked, blocked_fill, rows, num_columns, key)[:, :fan_in]
     slots = torch.arange(fan_in, device=ids.device)
     pending = fill.clone()
     for attempt in range(_MAX_ROUNDS):
