@@ -38,7 +38,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _synthetic_batch(plan: Plan, rows: int, device, generator):
+def synthetic_batch(plan: Plan, rows: int, device, generator):
     import torch
 
     spec = plan.encoder
@@ -131,6 +131,18 @@ def measure(plan: Plan, backend: str, steps: int = 3, device: str | None = None)
 
 def _train_steps(plan: Plan, backend: str, dev, steps: int) -> float:
     """``steps`` optimizer steps of a freshly built model of ``plan``'s shape; the last loss."""
+    _, step = build_step(plan, backend, dev)
+    value = float("nan")
+    for _ in range(steps):
+        value = step()
+    return value
+
+
+def build_step(plan: Plan, backend: str, dev, loss: str = "bce"):
+    """The pipeline's model of ``plan``'s shape (random-init encoder, ``backend`` classifier, the training
+    loop's optimizers) on ``dev``, and a function running one optimizer step: ``plan.grad_accum``
+    micro-batches of ``plan.batch`` synthetic documents (5 labels each) under the plan's autocast, then the
+    optimizer steps. Returns ``(model, step)``; ``step()`` returns the step's mean loss (a device sync)."""
     import torch
 
     from xmc.config import Config
@@ -145,7 +157,7 @@ def _train_steps(plan: Plan, backend: str, dev, steps: int) -> float:
     config.classifier.rps.compression = plan.rps_compression
     config.train.classifier_optimizer = plan.optimizer
     generator = torch.Generator().manual_seed(0)
-    batch = _synthetic_batch(plan, plan.batch, dev, generator)
+    batch = synthetic_batch(plan, plan.batch, dev, generator)
     labels = torch.randint(0, plan.labels, (plan.batch, 5), generator=generator)
     positives = Positives.from_lists([row.tolist() for row in labels], plan.labels, device=dev)
     clusters = None
@@ -154,26 +166,31 @@ def _train_steps(plan: Plan, backend: str, dev, steps: int) -> float:
 
         clusters = np.arange(plan.labels) % plan.meta_clusters
         config.classifier.meta.clusters = plan.meta_clusters
-    model = build_model(config, _random_encoder(plan), plan.labels, clusters).to(dev)
+    model = build_model(config, random_encoder(plan), plan.labels, clusters).to(dev)
     optimizers = build_optimizers(config, model)
     scaler = torch.amp.GradScaler(dev.type, enabled=plan.precision == "fp16" and dev.type == "cuda")
     precision = {"fp32": "no"}.get(plan.precision, plan.precision)
+    meta_weight = 0.1 if plan.meta_clusters else 0.0
     model.train()
-    value = float("nan")
-    for _ in range(steps):
-        with autocast(dev, precision):
-            loss = model.loss(batch, positives, "bce", 0.1 if plan.meta_clusters else 0.0)
-        scaler.scale(loss).backward()
+
+    def step() -> float:
+        total = 0.0
+        for _ in range(plan.grad_accum):
+            with autocast(dev, precision):
+                value = model.loss(batch, positives, loss, meta_weight) / plan.grad_accum
+            scaler.scale(value).backward()
+            total += value.detach()
         for o in optimizers:
             scaler.step(o)
         scaler.update()
         for o in optimizers:
             o.zero_grad(set_to_none=True)
-        value = float(loss.detach())
-    return value
+        return float(total)
+
+    return model, step
 
 
-def _random_encoder(plan: Plan):
+def random_encoder(plan: Plan):
     spec = plan.encoder
     if spec.kind == "bow":
         from xmc.encoders import BowEncoder
