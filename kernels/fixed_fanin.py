@@ -62,21 +62,8 @@ import warnings
 
 import torch
 from torch.autograd.function import once_differentiable
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # Triton is a Linux-only dependency: elsewhere only the reference backend exists.
-    from types import SimpleNamespace
-
-    triton = None
-    tl = SimpleNamespace(constexpr=int)
-
-    def _jit(fn=None, **kwargs):
-        return fn if fn is not None else (lambda f: f)
-
-else:
-    _jit = triton.jit
+from xmc.kernels.triton_compat import jit as _jit
+from xmc.kernels.triton_compat import tl, triton
 
 __all__ = [
     "FixedFanInFunction",

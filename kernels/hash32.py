@@ -7,20 +7,8 @@ PyTorch version (``xmc.hashing.hash_keys`` folds each key as its low then its hi
 
 from __future__ import annotations
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # Triton is a Linux-only dependency: elsewhere only the reference backends exist.
-    from types import SimpleNamespace
-
-    triton = None
-    tl = SimpleNamespace(constexpr=int)
-
-    def _jit(fn=None, **kwargs):
-        return fn if fn is not None else (lambda f: f)
-
-else:
-    _jit = triton.jit
+from xmc.kernels.triton_compat import jit as _jit
+from xmc.kernels.triton_compat import tl
 
 GOLDEN = tl.constexpr(0x9E3779B9)
 C1 = tl.constexpr(0x7FEB352D)
