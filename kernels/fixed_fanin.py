@@ -75,6 +75,8 @@ __all__ = [
     "fixed_fanin_forward",
     "fixed_fanin_forward_reference",
     "fixed_fanin_forward_triton",
+    "fixed_fanin_input_gradient_triton",
+    "use_triton",
 ]
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -481,24 +483,30 @@ def fixed_fanin_forward_triton(
 
 
 def _input_gradient(
-    grad_out: torch.Tensor, weight: torch.Tensor, col_ptr: torch.Tensor, slots: torch.Tensor, D: int
+    grad_out: torch.Tensor,
+    weight: torch.Tensor,
+    col_ptr: torch.Tensor,
+    slots: torch.Tensor,
+    D: int,
+    row_start: int = 0,
 ) -> torch.Tensor:
-    """grad_x (B, D) in fp32, a range of labels at a time: each range's gradients are transposed into a
-    small (rows, B) buffer that stays in L2, and its SPLITS partial sums per column are added in a fixed
-    order (deterministic, no atomics)."""
-    B = grad_out.shape[0]
+    """grad_x (B, D) in fp32 from the gradients ``grad_out`` (B, n) of labels ``row_start .. row_start + n
+    - 1`` (the whole layer's ``weight`` and transpose), a range of labels at a time: each range's
+    gradients are transposed into a small (rows, B) buffer that stays in L2, and its SPLITS partial sums
+    per column are added in a fixed order (deterministic, no atomics)."""
+    B, n = grad_out.shape
     L, K = weight.shape
     rows = max(1, _BWD_X_CHUNK_BYTES // (B * grad_out.element_size()))
     block_b = _block(B, _BWD_X_MAX_BLOCK_B)
     steps = max(1, (L * K).bit_length() + 1)  # binary-search rounds: enough for any column's segment
     # Splits give a GPU enough programs; small layers (and the interpreter) need one.
-    splits = max(1, min(_BWD_X_SPLITS, min(rows, L) * K // (D * _BWD_X_SPLIT_SLOTS)))
+    splits = max(1, min(_BWD_X_SPLITS, min(rows, n) * K // (D * _BWD_X_SPLIT_SLOTS)))
     grid = (triton.cdiv(D, _BWD_X_BLOCK_D), splits, triton.cdiv(B, block_b))
     parts = _new_output((splits, B, D), torch.float32, grad_out.device)
     total = torch.zeros((B, D), dtype=torch.float32, device=grad_out.device)
-    for row0 in range(0, L, rows):
-        row1 = min(L, row0 + rows)
-        gt = grad_out[:, row0:row1].t().contiguous()  # (rows, B)
+    for row0 in range(row_start, row_start + n, rows):
+        row1 = min(row_start + n, row0 + rows)
+        gt = grad_out[:, row0 - row_start : row1 - row_start].t().contiguous()  # (rows, B)
         _fixed_fanin_bwd_x_kernel[grid](
             gt,
             weight,
@@ -526,6 +534,43 @@ def _input_gradient(
         )
         total += parts.sum(dim=0)
     return total
+
+
+def fixed_fanin_input_gradient_triton(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    col_ptr: torch.Tensor,
+    slots: torch.Tensor,
+    row_start: int = 0,
+) -> torch.Tensor:
+    """Triton input gradient of a block of labels: grad_x (B, D) in x's dtype from ``grad_out`` (B, n), the
+    gradients of labels ``row_start .. row_start + n - 1`` of the layer whose whole ``weight`` (L, K) and
+    ``column_transpose`` (``col_ptr``, ``slots``) are given. A label-chunked loss calls it per chunk with the
+    layer's cached transpose instead of sorting each chunk's ids."""
+    _require_triton()
+    B, D = x.shape
+    L = weight.shape[0]
+    n = grad_out.shape[1] if grad_out.dim() == 2 else -1
+    if grad_out.dim() != 2 or grad_out.shape[0] != B or not 0 <= row_start <= L - n:
+        raise ValueError(
+            f"grad_out must be (B, n) = ({B}, n) for labels row_start .. row_start + n - 1 within L = {L}, "
+            f"got {tuple(grad_out.shape)} at row_start {row_start}"
+        )
+    if grad_out.dtype not in TRITON_DTYPES or x.dtype not in TRITON_DTYPES:
+        raise ValueError(f"grad_out and x must be one of {TRITON_DTYPES}, got {grad_out.dtype} and {x.dtype}")
+    if (
+        col_ptr.shape != (D + 1,)
+        or col_ptr.dtype != torch.int64
+        or slots.dtype not in (torch.int32, torch.int64)
+    ):
+        raise ValueError("col_ptr and slots must come from column_transpose(indices, D) of the whole layer")
+    grad_x = _new_output((B, D), x.dtype, x.device)
+    if grad_x.numel():
+        grad_x.copy_(
+            _input_gradient(grad_out.contiguous(), weight.contiguous(), col_ptr, slots, D, row_start)
+        )
+    return grad_x
 
 
 def fixed_fanin_backward_triton(
@@ -739,7 +784,7 @@ def _backward_reference(grad_out, x, weight, indices, need_x, need_w, need_b, tr
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _use_triton(backend: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
+def use_triton(backend: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
     """``auto``: Triton when x is on CUDA in a dtype the kernels take, else the reference."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -756,7 +801,7 @@ def fixed_fanin_forward(
     backend: str = "auto",
 ) -> torch.Tensor:
     """out (B, L): the layer applied to x (B, D); ``backend`` is ``auto``, ``triton`` or ``reference``."""
-    if _use_triton(backend, x, weight):
+    if use_triton(backend, x, weight):
         return fixed_fanin_forward_triton(x, weight, indices, bias)
     return fixed_fanin_forward_reference(x, weight, indices, bias)
 
@@ -776,7 +821,7 @@ def fixed_fanin_backward(
     """(grad_x, grad_w, grad_b), None where not needed. The Triton path computes the CSC transpose on
     demand when ``col_ptr`` / ``slots`` are None (a sort of L * K ids: cache it instead); the reference
     ignores it."""
-    if _use_triton(backend, x, weight):
+    if use_triton(backend, x, weight):
         if need_x and (col_ptr is None or slots is None):
             col_ptr, slots = column_transpose(indices, x.shape[1])
         return fixed_fanin_backward_triton(

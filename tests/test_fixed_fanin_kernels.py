@@ -179,6 +179,50 @@ def test_triton_input_gradient_in_label_ranges(poisoned, monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("range_bytes", [2**25, 5 * 3 * 4], ids=["one-range", "ranges-of-5"])
+def test_triton_input_gradient_of_a_label_block(poisoned, monkeypatch, range_bytes):
+    """A block of labels (7..26 of 45) through the whole layer's transpose equals the block's own gradient."""
+    monkeypatch.setattr(ff, "_BWD_X_CHUNK_BYTES", range_bytes)
+    layer = random_layer(3, 13, 45, 6, torch.int16, seed=7)
+    block = layer._replace(
+        weight=layer.weight[7:27], indices=layer.indices[7:27], bias=None, grad_out=layer.grad_out[:, 7:27]
+    )
+    want = dense_oracle(block)[1]
+    transpose = ff.column_transpose(layer.indices, 13)
+    got = ff.fixed_fanin_input_gradient_triton(block.grad_out, layer.x, layer.weight, *transpose, row_start=7)
+    assert_close(got, want, FP32_TOL, "grad_x of labels 7..26")
+    with pytest.raises(ValueError, match="within L = 45"):
+        ff.fixed_fanin_input_gradient_triton(block.grad_out, layer.x, layer.weight, *transpose, row_start=30)
+
+
+@needs_triton
+@pytest.mark.parametrize("loss", ["bce", "squared_hinge"])
+def test_classifier_chunked_loss_on_the_triton_path(loss, poisoned, monkeypatch):
+    """The label-chunked loss through the kernels (interpreted): each chunk's input gradient from the
+    layer's cached transpose; loss and gradients as the reference backend gives them."""
+    import xmc.classifiers.base as base
+    import xmc.classifiers.fixed_fanin as clf_module
+    from xmc.classifiers import FixedFanInClassifier
+    from xmc.losses import Positives
+
+    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 4 * 9)  # 9 labels a chunk over 40: 5 chunks
+    positives = Positives.from_lists([[0, 5], [], [39, 12], [1, 2, 3, 20]], 40)
+    h0 = torch.randn(4, 19, generator=torch.Generator().manual_seed(1))
+    results = []
+    for triton_path in (False, True):
+        on = (lambda backend, x, weight: True) if triton_path else (lambda backend, x, weight: False)
+        monkeypatch.setattr(ff, "use_triton", on)
+        monkeypatch.setattr(clf_module, "use_triton", on)
+        torch.manual_seed(0)
+        clf = FixedFanInClassifier(19, 40, 5, seed=3)
+        h = h0.clone().requires_grad_(True)
+        value = clf.loss(h, positives, loss)
+        results.append((value, *torch.autograd.grad(value, [h, *clf.label_parameters()])))
+    for got, want, what in zip(results[1], results[0], ("loss", "grad_h", "grad_w", "grad_b"), strict=True):
+        assert_close(got.reshape(-1), want.reshape(-1), FP32_TOL, what)
+
+
+@needs_triton
 def test_triton_mixed_dtypes(poisoned):
     """bf16 activations, fp32 weights (autocast style): out and grad_x follow x, grad_w the weight."""
     layer = random_layer(4, 31, 45, 7, torch.int32)

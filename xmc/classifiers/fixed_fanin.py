@@ -12,7 +12,12 @@ from xmc.classifiers.base import (
     optimizer_state_bytes,
     shard_range,
 )
-from xmc.kernels.fixed_fanin import fixed_fanin, fixed_fanin_backward
+from xmc.kernels.fixed_fanin import (
+    fixed_fanin,
+    fixed_fanin_backward,
+    fixed_fanin_input_gradient_triton,
+    use_triton,
+)
 from xmc.nn.fixed_fanin import FixedFanInLinear, index_dtype
 
 
@@ -56,10 +61,19 @@ class FixedFanInClassifier(Classifier):
     def chunk_backward(self, h, grad_logits, start, stop, need_input=True):
         layer = self.layer
         has_bias = layer.bias is not None
-        # The layer caches the column view of its whole pattern; a label chunk would need its own.
-        col_ptr, slots = layer.column_transpose() if (start, stop) == (0, self.num_labels) else (None, None)
-        grad_h, grad_w, grad_b = fixed_fanin_backward(
-            grad_logits.to(h.dtype),
+        grad_logits = grad_logits.to(h.dtype)
+        whole = (start, stop) == (0, self.num_labels)
+        grad_h = None
+        if need_input and not whole and use_triton("auto", h, layer.weight):
+            # A label chunk's input gradient reads the layer's cached column view (its slots of these
+            # labels, found by binary search), rather than sorting the chunk's ids at every step.
+            grad_h = fixed_fanin_input_gradient_triton(
+                grad_logits, h, layer.weight, *layer.column_transpose(), row_start=start
+            )
+            need_input = False
+        col_ptr, slots = layer.column_transpose() if whole else (None, None)
+        part_h, grad_w, grad_b = fixed_fanin_backward(
+            grad_logits,
             h,
             layer.weight[start:stop],
             layer.indices[start:stop],
@@ -69,7 +83,7 @@ class FixedFanInClassifier(Classifier):
             need_w=True,
             need_b=has_bias,
         )
-        return grad_h, [grad_w] + ([grad_b] if has_bias else [])
+        return (grad_h if grad_h is not None else part_h), [grad_w] + ([grad_b] if has_bias else [])
 
     def label_bias(self) -> nn.Parameter | None:
         return self.layer.bias
