@@ -24,19 +24,20 @@ import gc
 import platform
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from common import append_row, git_revision
 
-from xmc.memory import ENCODERS, Plan, estimate
+from xmc.memory import ENCODERS, Plan, encoder_spec, estimate
 from xmc.memory_measure import build_step
 
 RESULTS = Path(__file__).parent / "results" / "train_step.jsonl"
 
 
-def run_one(plan: Plan, backend: str, device: torch.device, warmup: int, steps: int, loss: str) -> dict:
+def run_one(
+    plan: Plan, backend: str, device: torch.device, warmup: int, steps: int, loss: str, state: str
+) -> dict:
     """Build, warm up and time one configuration; peak memory over the allocation before it was built."""
     gc.collect()
     cuda = device.type == "cuda"
@@ -45,7 +46,7 @@ def run_one(plan: Plan, backend: str, device: torch.device, warmup: int, steps: 
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     started = time.perf_counter()
-    model, step = build_step(plan, backend, device, loss)
+    model, step = build_step(plan, backend, device, loss, state)
     built = time.perf_counter() - started
     for _ in range(warmup):
         step()
@@ -83,7 +84,19 @@ def main() -> None:
     parser.add_argument(
         "--rps-compression", type=float, default=8.0, help="8: the bytes of fixed fan-in K=64"
     )
-    parser.add_argument("--encoder", default="bert-base", choices=sorted(ENCODERS))
+    parser.add_argument(
+        "--encoder",
+        default="bert-base",
+        choices=[*sorted(ENCODERS), "features"],
+        help="features: precomputed 768-wide inputs, so a step is the classifier's alone",
+    )
+    parser.add_argument(
+        "--classifier-state",
+        nargs="+",
+        default=["fp32"],
+        choices=["fp32", "bf16"],
+        help="train.classifier_state: bf16 keeps the classifier's weights and moments in bf16",
+    )
     parser.add_argument("--micro-batch", type=int, default=32)
     parser.add_argument("--accumulate", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -113,42 +126,49 @@ def main() -> None:
         "precision": "bf16",
     }
     table = []
-    for labels in args.labels:
-        for backend in args.classifiers:
-            for fan_in in args.fan_in if backend == "fixed_fanin" else [64]:
-                plan = Plan(
-                    labels=labels,
-                    encoder=ENCODERS[args.encoder],
-                    fan_in=fan_in,
-                    batch=args.micro_batch,
-                    seq_len=args.seq_len,
-                    precision="bf16",
-                    grad_accum=args.accumulate,
-                    device=device.type,
-                    rps_compression=args.rps_compression,
-                )
-                row = {**meta, "labels": labels, "classifier": backend}
-                if backend == "fixed_fanin":
-                    row["fan_in"] = fan_in
-                if backend == "rps":
-                    row["rps_compression"] = args.rps_compression
-                try:
-                    row.update(run_one(replace(plan), backend, device, args.warmup, args.steps, args.loss))
-                except torch.OutOfMemoryError as err:  # the dense baseline may not fit: say so, go on
-                    row["error"] = f"out of memory: {err}"
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                append_row(args.results, row)
-                table.append(row)
-    print(f"\n{'labels':>10} {'classifier':<16}{'step ms':>9}{'ex/s':>8}{'peak GiB':>10}{'estimate GiB':>14}")
+    spec = encoder_spec(args.encoder, hidden=768)
+    runs = [
+        (labels, backend, fan_in, state)
+        for labels in args.labels
+        for backend in args.classifiers
+        for fan_in in (args.fan_in if backend == "fixed_fanin" else [64])
+        for state in args.classifier_state
+        if not (state == "bf16" and backend == "rps")  # bf16 state serves dense and fixed fan-in
+    ]
+    for labels, backend, fan_in, state in runs:
+        plan = Plan(
+            labels=labels,
+            encoder=spec,
+            fan_in=fan_in,
+            batch=args.micro_batch,
+            seq_len=args.seq_len,
+            precision="bf16",
+            grad_accum=args.accumulate,
+            device=device.type,
+            rps_compression=args.rps_compression,
+        )
+        row = {**meta, "labels": labels, "classifier": backend, "classifier_state": state}
+        if backend == "fixed_fanin":
+            row["fan_in"] = fan_in
+        if backend == "rps":
+            row["rps_compression"] = args.rps_compression
+        try:
+            row.update(run_one(plan, backend, device, args.warmup, args.steps, args.loss, state))
+        except torch.OutOfMemoryError as err:  # the dense baseline may not fit: say so, go on
+            row["error"] = f"out of memory: {err}"
+            gc.collect()
+            torch.cuda.empty_cache()
+        append_row(args.results, row)
+        table.append(row)
+    print(f"\n{'labels':>10} {'classifier':<22}{'step ms':>9}{'ex/s':>8}{'peak GiB':>10}{'estimate GiB':>14}")
     for r in table:
-        name = r["classifier"] + (f" K={r['fan_in']}" if "fan_in" in r else "")
+        name = r["classifier"] + (f" K={r['fan_in']}" if "fan_in" in r else "") + f" {r['classifier_state']}"
         if "error" in r:
-            print(f"{r['labels']:>10} {name:<16} {r['error'][:60]}")
+            print(f"{r['labels']:>10} {name:<22} {r['error'][:60]}")
             continue
         peak = f"{r['peak_allocated_gib']:.2f}" if "peak_allocated_gib" in r else "-"
         print(
-            f"{r['labels']:>10} {name:<16}{r['step_ms']:>9.1f}{r['examples_per_second']:>8.0f}{peak:>10}"
+            f"{r['labels']:>10} {name:<22}{r['step_ms']:>9.1f}{r['examples_per_second']:>8.0f}{peak:>10}"
             f"{r['estimate_bytes'] / 2**30:>14.2f}"
         )
 

@@ -153,8 +153,14 @@ run_training(load_config(sys.argv[1]), sys.argv[2], progress=False, step_hook=ho
 """
 
 
-def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, synth_data):
-    overrides = ["train.save_every=4", "train.epochs=3"]  # 13 steps an epoch; rewiring every 3 steps
+@pytest.mark.parametrize("state", ["fp32", "bf16"])
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, synth_data, state):
+    """bf16: the classifier's bf16 weights and moments, and its stochastic rounding, resume exactly too."""
+    overrides = [
+        "train.save_every=4",
+        "train.epochs=3",
+        f"train.classifier_state={state}",
+    ]  # 13 steps an epoch
     config = _config(tmp_path, synth_data, overrides=overrides)
     reference = run_training(config, str(tmp_path / "whole"), progress=False)
     script = tmp_path / "killer.py"
@@ -172,6 +178,22 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, synth_data)
     assert whole.keys() == cut.keys()
     for name in whole:
         assert torch.equal(whole[name], cut[name]), name
+    classifier_dtypes = {
+        t.dtype for name, t in whole.items() if name.startswith("classifier.") and t.is_floating_point()
+    }
+    assert classifier_dtypes == {torch.bfloat16 if state == "bf16" else torch.float32}
+    losses = _losses(reference)
+    assert losses[-1] < losses[0]
+
+
+def test_bf16_classifier_state_rejects_what_it_cannot_serve(tmp_path, synth_data):
+    for overrides, problem in (
+        (["train.classifier_optimizer=sgd"], "set train.classifier_optimizer=adamw"),
+        (["classifier.type=rps"], "not rps"),
+    ):
+        config = _config(tmp_path, synth_data, overrides=["train.classifier_state=bf16", *overrides])
+        with pytest.raises(ValueError, match=problem):
+            run_training(config, str(tmp_path / "run"), progress=False)
 
 
 def test_fp16_overflow_skips_the_step_and_lowers_the_scale(tmp_path, synth_data):

@@ -115,6 +115,9 @@ class TrainConfig:
     encoder_lr: float = 1e-3  # transformers want 1e-5..5e-5; the bow encoder learns faster
     classifier_lr: float = 1e-2
     classifier_optimizer: str = "adamw"  # adamw or sgd (momentum 0.9)
+    # fp32, or bf16: the classifier's weights and AdamW moments in bf16 with stochastic rounding and no fp32
+    # copy (xmc.optim): half the classifier's state bytes, for dense and fixed fan-in classifiers
+    classifier_state: str = "fp32"
     encoder_weight_decay: float = 0.01
     classifier_weight_decay: float = 1e-4
     warmup: float = 0.05  # warmup as a fraction of the total steps, then cosine decay
@@ -156,6 +159,7 @@ CHOICES = {
     "classifier.rps.method": ("hashednet", "roast", "stable"),
     "train.loss": ("squared_hinge", "bce"),
     "train.classifier_optimizer": ("adamw", "sgd"),
+    "train.classifier_state": ("fp32", "bf16"),
     "train.precision": ("auto", "no", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.parallel": ("data", "labels"),

@@ -138,11 +138,12 @@ def _train_steps(plan: Plan, backend: str, dev, steps: int) -> float:
     return value
 
 
-def build_step(plan: Plan, backend: str, dev, loss: str = "bce"):
+def build_step(plan: Plan, backend: str, dev, loss: str = "bce", classifier_state: str = "fp32"):
     """The pipeline's model of ``plan``'s shape (random-init encoder, ``backend`` classifier, the training
     loop's optimizers) on ``dev``, and a function running one optimizer step: ``plan.grad_accum``
     micro-batches of ``plan.batch`` synthetic documents (5 labels each) under the plan's autocast, then the
-    optimizer steps. Returns ``(model, step)``; ``step()`` returns the step's mean loss (a device sync)."""
+    optimizer steps. ``classifier_state`` is ``train.classifier_state`` (fp32, or bf16 weights and moments).
+    Returns ``(model, step)``; ``step()`` returns the step's mean loss (a device sync)."""
     import torch
 
     from xmc.config import Config
@@ -156,6 +157,7 @@ def build_step(plan: Plan, backend: str, dev, loss: str = "bce"):
     config.classifier.intermediate = plan.intermediate
     config.classifier.rps.compression = plan.rps_compression
     config.train.classifier_optimizer = plan.optimizer
+    config.train.classifier_state = classifier_state
     generator = torch.Generator().manual_seed(0)
     batch = synthetic_batch(plan, plan.batch, dev, generator)
     labels = torch.randint(0, plan.labels, (plan.batch, 5), generator=generator)

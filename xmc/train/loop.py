@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from xmc.config import Config
 from xmc.losses import Positives
+from xmc.optim import LowPrecisionAdamW
 from xmc.train.checkpoint import latest_checkpoint
 from xmc.train.evaluation import evaluate_split
 from xmc.train.parallel import Parallel
@@ -93,7 +94,21 @@ def build_optimizers(config: Config, model) -> list[torch.optim.Optimizer]:
                 fused=_fusable(encoder_params),
             )
         )
-    if t.classifier_optimizer == "sgd":
+    if t.classifier_state == "bf16":
+        if t.classifier_optimizer != "adamw":
+            raise ValueError(
+                "train.classifier_state=bf16 keeps AdamW moments in bf16: "
+                "set train.classifier_optimizer=adamw"
+            )
+        optimizers.append(
+            LowPrecisionAdamW(
+                classifier_params,
+                lr=t.classifier_lr,
+                weight_decay=t.classifier_weight_decay,
+                seed=config.seed,
+            )
+        )
+    elif t.classifier_optimizer == "sgd":
         optimizers.append(
             torch.optim.SGD(
                 classifier_params,

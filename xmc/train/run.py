@@ -59,6 +59,12 @@ def build_model(config: Config, encoder, num_labels: int, clusters: np.ndarray |
         from xmc.meta import MetaHead
 
         meta = MetaHead(width, torch.from_numpy(clusters), config.classifier.meta.clusters)
+    if config.train.classifier_state == "bf16":  # the classifier side's weights live in bf16 (xmc.optim)
+        if config.classifier.type == "rps":
+            raise ValueError("train.classifier_state=bf16 serves dense and fixed_fanin classifiers, not rps")
+        classifier.to(torch.bfloat16)
+        if meta is not None:
+            meta.to(torch.bfloat16)
     return XMCModel(encoder, classifier, intermediate, meta)
 
 
