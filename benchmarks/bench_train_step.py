@@ -146,6 +146,7 @@ def main() -> None:
             grad_accum=args.accumulate,
             device=device.type,
             rps_compression=args.rps_compression,
+            classifier_state=state,
         )
         row = {**meta, "labels": labels, "classifier": backend, "classifier_state": state}
         if backend == "fixed_fanin":

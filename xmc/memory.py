@@ -62,6 +62,7 @@ class Plan:
     seq_len: int = 128
     precision: str = "bf16"  # fp32, bf16 or fp16 (autocast over fp32 parameters)
     optimizer: str = "adamw"  # classifier optimizer: adamw or sgd (the encoder always uses AdamW)
+    classifier_state: str = "fp32"  # fp32, or bf16 weights and AdamW moments (train.classifier_state)
     world_size: int = 1
     parallel: str = "labels"  # over world_size GPUs: labels (classifier split) or data (all replicated)
     intermediate: int = 0
@@ -93,6 +94,10 @@ class Plan:
             raise ValueError(f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.classifier_state not in ("fp32", "bf16"):
+            raise ValueError(f"--classifier-state must be fp32 or bf16, got {self.classifier_state!r}")
+        if self.classifier_state == "bf16" and self.optimizer != "adamw":
+            raise ValueError("--classifier-state bf16 keeps AdamW moments in bf16: use --optimizer adamw")
         if self.parallel not in ("labels", "data"):
             raise ValueError(f"--parallel must be labels or data, got {self.parallel!r}")
         if not 1 <= self.fan_in <= self.width:
@@ -173,11 +178,14 @@ def estimate(plan: Plan, names: tuple[str, ...] | None = None) -> dict[str, dict
             options["fan_in"] = plan.fan_in
         elif name == "rps":  # every rank holds the whole array: its size follows the total L
             options["size"] = math.ceil(plan.labels * plan.width / plan.rps_compression)
+        optimizer = plan.optimizer
+        if plan.classifier_state == "bf16" and name != "rps":  # bf16 weights, gradients and moments
+            options["param_bytes"], optimizer = 2, "adamw-bf16"
         parts = available[name].state_bytes(
             plan.width,
             plan.labels_per_rank,
             batch_size=rows,
-            optimizer=plan.optimizer,
+            optimizer=optimizer,
             **options,
         )
         if plan.grad_accum > 1:  # a micro-batch's fresh gradient meets the accumulated one
@@ -363,6 +371,7 @@ def plan_from_config(config, labels: int | None = None, features: int | None = N
         seq_len=enc.max_length,
         precision=precision,
         optimizer=config.train.classifier_optimizer,
+        classifier_state=config.train.classifier_state,
         intermediate=config.classifier.intermediate,
         intermediate_fan_in=config.classifier.intermediate_fan_in if config.classifier.intermediate else 0,
         meta_clusters=config.classifier.meta.clusters if config.classifier.meta.enabled else 0,

@@ -104,7 +104,7 @@ def measure(plan: Plan, backend: str, steps: int = 3, device: str | None = None)
     else:
         reset = _reset_peak_rss()
         base, _ = _rss()
-    loss = _train_steps(plan, backend, dev, steps)
+    loss = _train_steps(plan, backend, dev, steps)  # with the plan's classifier state
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev) - base
@@ -131,7 +131,8 @@ def measure(plan: Plan, backend: str, steps: int = 3, device: str | None = None)
 
 def _train_steps(plan: Plan, backend: str, dev, steps: int) -> float:
     """``steps`` optimizer steps of a freshly built model of ``plan``'s shape; the last loss."""
-    _, step = build_step(plan, backend, dev)
+    state = "fp32" if backend == "rps" else plan.classifier_state  # bf16 state serves dense and fixed fan-in
+    _, step = build_step(plan, backend, dev, classifier_state=state)
     value = float("nan")
     for _ in range(steps):
         value = step()

@@ -192,11 +192,12 @@ def shard_range(num_labels: int, rank: int, world: int) -> tuple[int, int]:
 
 
 def optimizer_state_bytes(num_params: int, optimizer: str) -> int:
-    """Bytes of fp32 optimizer state for ``num_params`` values: AdamW keeps two moments, SGD one."""
-    per = {"adamw": 2, "adam": 2, "sgd": 1, "none": 0}
+    """Bytes of optimizer state for ``num_params`` values: AdamW keeps two fp32 moments, SGD one;
+    ``adamw-bf16`` (``xmc.optim.LowPrecisionAdamW``) two bf16 moments."""
+    per = {"adamw": 8, "adam": 8, "adamw-bf16": 4, "sgd": 4, "none": 0}
     if optimizer not in per:
         raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(per)}")
-    return 4 * per[optimizer] * num_params
+    return per[optimizer] * num_params
 
 
 class _ChunkedLoss(torch.autograd.Function):

@@ -70,6 +70,12 @@ def register(sub) -> None:
     )
     parser.add_argument("--optimizer", choices=("adamw", "sgd"), help="classifier optimizer (default adamw)")
     parser.add_argument(
+        "--classifier-state",
+        choices=("fp32", "bf16"),
+        help="classifier weights and AdamW moments in fp32 (default) or bf16 (train.classifier_state; "
+        "dense and fixed fan-in, rps keeps fp32)",
+    )
+    parser.add_argument(
         "--meta-clusters", type=int, help="add an auxiliary meta head over this many clusters"
     )
     parser.add_argument("--compression", type=float, help="RPS compression L*D/m (default 8)")
@@ -141,6 +147,7 @@ def _plans(args) -> list:
                 "seq_len": args.seq_len,
                 "precision": args.precision,
                 "optimizer": args.optimizer,
+                "classifier_state": args.classifier_state,
                 "meta_clusters": args.meta_clusters,
                 "intermediate": args.intermediate,
                 "intermediate_fan_in": args.intermediate_fan_in,
