@@ -126,7 +126,6 @@ def fixed_variants(x, g, L, K, device):
             return fixed_fanin_backward_triton(g, x, w, indices, col_ptr, slots, True, True, True)
 
         yield f"fixed-{_name(w_dtype)}-w", w_dtype, indices.dtype, forward, forward_backward
-        del w, b
 
 
 def dense_variants(x, g, L, device):

@@ -559,16 +559,30 @@ def fixed_fanin_input_gradient_triton(
         )
     if grad_out.dtype not in TRITON_DTYPES or x.dtype not in TRITON_DTYPES:
         raise ValueError(f"grad_out and x must be one of {TRITON_DTYPES}, got {grad_out.dtype} and {x.dtype}")
-    if (
-        col_ptr.shape != (D + 1,)
-        or col_ptr.dtype != torch.int64
-        or slots.dtype not in (torch.int32, torch.int64)
-    ):
-        raise ValueError("col_ptr and slots must come from column_transpose(indices, D) of the whole layer")
+    K = weight.shape[1]
+    if col_ptr.shape != (D + 1,) or col_ptr.dtype != torch.int64:
+        raise ValueError(
+            f"col_ptr must be int64 of shape ({D + 1},), got {col_ptr.dtype} {tuple(col_ptr.shape)}: "
+            "pass column_transpose(indices, D) of the whole layer"
+        )
+    if slots.dim() != 1 or slots.numel() > L * K or slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"slots must be 1-D int32/int64 with at most L * K = {L * K} entries, "
+            f"got {slots.dtype} {tuple(slots.shape)}"
+        )
+    if col_ptr.device != x.device or slots.device != x.device:
+        raise ValueError(f"col_ptr and slots must be on {x.device}")
     grad_x = _new_output((B, D), x.dtype, x.device)
     if grad_x.numel():
         grad_x.copy_(
-            _input_gradient(grad_out.contiguous(), weight.contiguous(), col_ptr, slots, D, row_start)
+            _input_gradient(
+                grad_out.contiguous(),
+                weight.contiguous(),
+                col_ptr.contiguous(),
+                slots.contiguous(),
+                D,
+                row_start,
+            )
         )
     return grad_x
 
@@ -605,21 +619,7 @@ def fixed_fanin_backward_triton(
     if need_x:
         if col_ptr is None or slots is None:
             raise ValueError("the input gradient needs col_ptr and slots: pass column_transpose(indices, D)")
-        if col_ptr.shape != (D + 1,) or col_ptr.dtype != torch.int64:
-            raise ValueError(
-                f"col_ptr must be int64 of shape ({D + 1},), got {col_ptr.dtype} {tuple(col_ptr.shape)}"
-            )
-        if slots.dim() != 1 or slots.numel() > L * K or slots.dtype not in (torch.int32, torch.int64):
-            raise ValueError(
-                f"slots must be 1-D int32/int64 with at most L * K = {L * K} entries, "
-                f"got {slots.dtype} {tuple(slots.shape)}"
-            )
-        if col_ptr.device != x.device or slots.device != x.device:
-            raise ValueError(f"col_ptr and slots must be on {x.device}")
-        col_ptr, slots = col_ptr.contiguous(), slots.contiguous()
-        grad_x = _new_output((B, D), x.dtype, x.device)
-        if grad_x.numel():
-            grad_x.copy_(_input_gradient(grad_out, weight, col_ptr, slots, D))
+        grad_x = fixed_fanin_input_gradient_triton(grad_out, x, weight, col_ptr, slots)
 
     if need_w:
         grad_w = _new_output((L, K), weight.dtype, weight.device)

@@ -62,15 +62,16 @@ class FixedFanInClassifier(Classifier):
         layer = self.layer
         has_bias = layer.bias is not None
         grad_logits = grad_logits.to(h.dtype)
-        whole = (start, stop) == (0, self.num_labels)
         grad_h = None
-        if need_input and not whole and use_triton("auto", h, layer.weight):
-            # A label chunk's input gradient reads the layer's cached column view (its slots of these
-            # labels, found by binary search), rather than sorting the chunk's ids at every step.
+        if need_input and use_triton("auto", h, layer.weight):
+            # The input gradient of labels start..stop-1 reads the layer's cached column view (their slots
+            # found by binary search): a label chunk never sorts its own ids.
             grad_h = fixed_fanin_input_gradient_triton(
                 grad_logits, h, layer.weight, *layer.column_transpose(), row_start=start
             )
             need_input = False
+        # The reference path takes the cached view only for the whole layer.
+        whole = (start, stop) == (0, self.num_labels)
         col_ptr, slots = layer.column_transpose() if whole else (None, None)
         part_h, grad_w, grad_b = fixed_fanin_backward(
             grad_logits,
