@@ -94,9 +94,13 @@ def init_centroid_ids(layer, X: sp.spmatrix | np.ndarray, Y: sp.spmatrix) -> dic
             f"centroid ids need inputs of width {layer.in_features} and {layer.out_features} labels, "
             f"got {X.shape[1]} and {Y.shape[1]}"
         )
+    if layer.group > 1:  # a group's ids: the centroid picks of its labels' documents together
+        groups = np.arange(Y.shape[1]) // layer.group
+        assign = sp.csr_matrix((np.ones(Y.shape[1], np.float32), (np.arange(Y.shape[1]), groups)))
+        Y = sp.csr_matrix(Y, dtype=np.float32) @ assign
     ids = centroid_ids(X, Y, layer.fan_in)
     fill = torch.from_numpy(ids < 0)
-    rows = layer.global_rows(0, layer.out_features).cpu()
+    rows = layer.global_rows(0, layer.indices.shape[0]).cpu()
     drawn = fill_distinct(
         torch.from_numpy(ids).clamp(min=0), fill, rows, layer.in_features, (layer.seed, INIT_IDS)
     )

@@ -132,7 +132,8 @@ def export_condensed(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
     sizes = {"encoder": sum(v.numel() * v.element_size() for v in tensors.values())}
     for name, layer in layers.items():
         if isinstance(layer, FixedFanInLinear):
-            part = {"values": layer.weight.detach().float(), "ids": layer.indices}
+            # A grouped layer's ids are written per label: the condensed format has one id row per output.
+            part = {"values": layer.weight.detach().float(), "ids": layer.label_ids()}
             if isinstance(layer, AblatableFixedFanInLinear):
                 part["neurons"] = layer.neurons
         else:  # a dense intermediate layer

@@ -92,6 +92,8 @@ class RPSOptions:
 class ClassifierConfig:
     type: str = "fixed_fanin"  # dense, fixed_fanin or rps
     fan_in: int = 32  # fixed fan-in K; memory ~ L * K, accuracy drops when K is far below D
+    fan_in_group: int = 1  # G > 1: labels in groups of G share one id row (HASTE): G times fewer id bytes
+    # and tensor-core products on GPUs, at less freedom per label; 16 suits a GPU, 1 is the plain layer
     intermediate: int = 0  # width of a layer between encoder and classifier (0 = none; SPARTEX: 4096)
     intermediate_fan_in: int = 0  # > 0: the intermediate layer is fixed fan-in too, rewired like the
     # classifier (with SRigL neuron ablation when set.gamma > 0); 0 = a dense intermediate layer

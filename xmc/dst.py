@@ -6,7 +6,9 @@ regrows as many at columns it does not hold, so its fan-in stays K:
 
 - prune by ``fraction`` (the ``round(fraction * K)`` smallest |w| of each row; ties to the lower slot)
   or by ``threshold`` (every |w| below it); the active knob decays on a cosine from its initial value
-  to ``floor`` at ``end`` (RigL's and SRigL's drop-fraction schedule);
+  to ``floor`` at ``end`` (RigL's and SRigL's drop-fraction schedule). A grouped layer (G labels per id
+  row, HASTE) judges a group's slot by its |w| summed over the group's labels (the mean, against a
+  threshold), and gradient regrowth ranks its columns by the group's summed |gradient|;
 - regrow ``random`` (SET): ids are hashes of ``(seed, step, global row, slot)`` (:mod:`xmc.nn.ids`),
   so a label shard rewires exactly like the same rows of the whole layer; they avoid the ids just
   pruned (when the row has room), so every rewiring explores new columns;
@@ -154,28 +156,35 @@ class SET:
     def _rewire_rows(self, step: int, knob: float, grad_fn: GradFn | None) -> int:
         layer = self.layer
         state = self._slot_states()
-        num_rows = layer.weight.shape[0]
-        # Gradient chunks are (rows, D) fp32: bound them like the random draw's temporaries.
-        chunk = max(1, min(_ROW_CHUNK, _GRAD_ELEMENTS // layer.in_features)) if grad_fn else _ROW_CHUNK
+        group = layer.group
+        num_rows = layer.indices.shape[0]  # id rows: one per label, or one per group of G labels
+        # Gradient chunks are (labels, D) fp32: bound them like the random draw's temporaries.
+        width = layer.in_features * group
+        chunk = max(1, min(_ROW_CHUNK, _GRAD_ELEMENTS // width)) if grad_fn else _ROW_CHUNK
         changed = 0
         for start in range(0, num_rows, chunk):
             stop = min(start + chunk, num_rows)
-            magnitude = layer.weight[start:stop].detach().abs().float()
+            lo, hi = start * group, min(stop * group, layer.out_features)  # the id rows' labels
+            # A group's slot is judged by its mean magnitude over the group's labels (ranked as the sum).
+            magnitude = _group_mean(layer.weight[lo:hi].detach().abs().float(), group)
             prune = self._prune_mask(magnitude, knob)
             if not bool(prune.any()):
                 continue
             old, rows = layer.indices[start:stop], layer.global_rows(start, stop)
             if self.needs_gradient:
-                ids = self._regrow(old, prune, grad_fn(start, stop), rows, step, avoid=old)
+                grad = grad_fn(lo, hi)
+                grad = grad if group == 1 else _group_mean(grad.abs().float(), group)
+                ids = self._regrow(old, prune, grad, rows, step, avoid=old)
             else:
                 # Avoiding all old ids (kept ones are blocked anyway) keeps regrowth off the ids just pruned.
                 key = (self.seed, REGROW_IDS, step)
                 ids = fill_distinct(old, prune, rows, layer.in_features, key, avoid=old)
             layer.indices[start:stop] = ids.to(layer.indices.dtype)
-            layer.weight[start:stop].masked_fill_(prune, 0)
+            label_prune = prune if group == 1 else prune.repeat_interleave(group, 0)[: hi - lo]
+            layer.weight[lo:hi].masked_fill_(label_prune, 0)
             for tensor in state:
-                tensor[start:stop].masked_fill_(prune, 0)
-            changed += int(prune.sum())
+                tensor[lo:hi].masked_fill_(label_prune, 0)
+            changed += int(label_prune.sum())
         return changed
 
     def _regrow(
@@ -298,6 +307,19 @@ def grow_by_gradient(
     picked = torch.where(fill, torch.gather(best.indices, 1, rank), ids)
     score = torch.where(fill, torch.gather(best.values, 1, rank), 0.0)
     return picked, score
+
+
+def _group_mean(rows: torch.Tensor, group: int) -> torch.Tensor:
+    """(ceil(R / G), C) means of consecutive groups of ``group`` rows of an (R, C) tensor (the last group
+    may be short). Within an id row they rank slots as the group's sums do; a threshold keeps its
+    per-weight meaning."""
+    if group == 1:
+        return rows
+    pad = -rows.shape[0] % group
+    sums = torch.nn.functional.pad(rows, (0, 0, 0, pad)).view(-1, group, rows.shape[1]).sum(1)
+    counts = torch.full((sums.shape[0], 1), float(group), device=rows.device)
+    counts[-1] = group - pad
+    return sums / counts
 
 
 def _top_mask(values: torch.Tensor, count: int) -> torch.Tensor:

@@ -58,6 +58,7 @@ class Plan:
     labels: int
     encoder: EncoderSpec = field(default_factory=lambda: ENCODERS["bert-base"])
     fan_in: int = 128
+    fan_in_group: int = 1  # G > 1: grouped fan-in, one id row per G labels
     batch: int = 64
     seq_len: int = 128
     precision: str = "bf16"  # fp32, bf16 or fp16 (autocast over fp32 parameters)
@@ -100,6 +101,8 @@ class Plan:
             raise ValueError("--classifier-state bf16 keeps AdamW moments in bf16: use --optimizer adamw")
         if self.parallel not in ("labels", "data"):
             raise ValueError(f"--parallel must be labels or data, got {self.parallel!r}")
+        if self.fan_in_group < 1:
+            raise ValueError(f"--fan-in-group must be at least 1, got {self.fan_in_group}")
         if not 1 <= self.fan_in <= self.width:
             raise ValueError(
                 f"--fan-in {self.fan_in} must lie in 1..{self.width} (the classifier's input width)"
@@ -176,6 +179,8 @@ def estimate(plan: Plan, names: tuple[str, ...] | None = None) -> dict[str, dict
         options = {}
         if name == "fixed_fanin":
             options["fan_in"] = plan.fan_in
+            if plan.fan_in_group > 1:
+                options["group"] = plan.fan_in_group
         elif name == "rps":  # every rank holds the whole array: its size follows the total L
             options["size"] = math.ceil(plan.labels * plan.width / plan.rps_compression)
         optimizer = plan.optimizer
@@ -201,13 +206,20 @@ def _cpu_reference_bytes(name: str, plan: Plan, options: dict) -> int:
 
     Fixed fan-in: a label block's CSR matrix (int64 column ids and fp32 values for up to
     ``REFERENCE_CHUNK_ELEMENTS`` slots) and the weight gradient's dense (block, D) product and its
-    gathered copy. RPS: the slot-table cache (int32 per weight, kept up to 2**28 weights), the array's
-    signed copy (2 m values) and a block's gathered weight and its scaled copy."""
+    gathered copy; grouped (G > 1): a range of groups' gathered inputs, per-slot products and logits, each
+    at most ``REFERENCE_CHUNK_ELEMENTS`` fp32 values. RPS: the slot-table cache (int32 per weight, kept up
+    to 2**28 weights), the array's signed copy (2 m values) and a block's gathered weight and its scaled
+    copy."""
     labels, width = plan.labels_per_rank, plan.width
     if name == "fixed_fanin":
         from xmc.kernels.fixed_fanin import REFERENCE_CHUNK_ELEMENTS
 
         k = options["fan_in"]
+        group = options.get("group", 1)
+        if group > 1:
+            return (
+                4 * 4 * min(REFERENCE_CHUNK_ELEMENTS, math.ceil(labels / group) * max(k, group) * plan.batch)
+            )
         block = max(1, REFERENCE_CHUNK_ELEMENTS // max(k, width))
         return min(labels * k, REFERENCE_CHUNK_ELEMENTS) * 12 + 2 * min(labels, block) * width * 4
     if name == "rps":
@@ -367,6 +379,7 @@ def plan_from_config(config, labels: int | None = None, features: int | None = N
         labels=labels,
         encoder=spec,
         fan_in=config.classifier.fan_in,
+        fan_in_group=config.classifier.fan_in_group,
         batch=config.train.batch_size,
         seq_len=enc.max_length,
         precision=precision,

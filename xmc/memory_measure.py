@@ -155,6 +155,7 @@ def build_step(plan: Plan, backend: str, dev, loss: str = "bce", classifier_stat
     config = Config()
     config.classifier.type = backend
     config.classifier.fan_in = plan.fan_in
+    config.classifier.fan_in_group = plan.fan_in_group if backend == "fixed_fanin" else 1
     config.classifier.intermediate = plan.intermediate
     config.classifier.rps.compression = plan.rps_compression
     config.train.classifier_optimizer = plan.optimizer

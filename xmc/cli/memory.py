@@ -62,6 +62,9 @@ def register(sub) -> None:
         "--intermediate-fan-in", type=int, help="K of a fixed fan-in intermediate layer (default: dense)"
     )
     parser.add_argument("--fan-in", type=int, help="fixed fan-in K (default 128)")
+    parser.add_argument(
+        "--fan-in-group", type=int, help="grouped fan-in: G labels share one id row (default 1: no groups)"
+    )
     parser.add_argument("--batch", type=int, help="documents per micro-batch and GPU (default 64)")
     parser.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     parser.add_argument("--seq-len", type=int, help="tokens per document (default 128)")
@@ -142,6 +145,7 @@ def _plans(args) -> list:
             for key, value in {
                 "labels": args.labels,
                 "fan_in": args.fan_in,
+                "fan_in_group": args.fan_in_group,
                 "batch": args.batch,
                 "grad_accum": args.grad_accum,
                 "seq_len": args.seq_len,

@@ -11,6 +11,15 @@ from xmc.losses import Positives
 
 
 def build_classifier(config: ClassifierConfig, in_features: int, num_labels: int, seed: int) -> Classifier:
+    if config.fan_in_group < 1:
+        raise ValueError(
+            f"classifier.fan_in_group must be at least 1 (1 = no groups), got {config.fan_in_group}"
+        )
+    if config.fan_in_group > 1 and config.type != "fixed_fanin":
+        raise ValueError(
+            f"classifier.fan_in_group={config.fan_in_group} groups the ids of a fixed fan-in classifier, but "
+            f"classifier.type={config.type}: set classifier.type=fixed_fanin or classifier.fan_in_group=1"
+        )
     if config.type == "dense":
         return DenseClassifier(in_features, num_labels, bias=config.bias)
     if config.type == "fixed_fanin":
@@ -19,7 +28,9 @@ def build_classifier(config: ClassifierConfig, in_features: int, num_labels: int
                 f"classifier.fan_in={config.fan_in} exceeds the classifier's input width {in_features}; "
                 "lower it or widen the encoder / intermediate layer"
             )
-        return FixedFanInClassifier(in_features, num_labels, config.fan_in, bias=config.bias, seed=seed)
+        return FixedFanInClassifier(
+            in_features, num_labels, config.fan_in, bias=config.bias, seed=seed, group=config.fan_in_group
+        )
     if config.type == "rps":
         from xmc.classifiers.rps import RPSClassifier
 
