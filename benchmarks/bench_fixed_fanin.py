@@ -13,6 +13,11 @@ the formula is printed with the dtypes) at the device-to-device copy bandwidth m
 and each row gives its percentage of that floor. The gathers of ``x`` (B values per connection) are not
 counted in the floor: they are what a better kernel keeps on chip.
 
+Grouped fan-in (``--group``, labels in groups of G share one id row, products on tensor cores through
+``tl.dot``): the same two timings; its floor is the larger of its bytes (G times fewer id bytes) over the copy
+bandwidth and its tensor-core work (2 B L K FLOPs forward, 6 B L K forward + backward) over the bf16 matmul
+rate measured in the same run.
+
 Also measured: peak memory allocated by a forward + backward at K = 64 (fixed fan-in module with fp32
 weights under bf16 autocast against the dense fp32-master recipe, parameters included), and the time of
 one SET rewiring (prune 25% of every row, regrow at random, reset Adam moments) at the largest L and K,
@@ -22,6 +27,7 @@ Rows (device, versions, git revision, date, medians with 20th / 80th percentiles
 ``triton.testing.do_bench``) go to ``benchmarks/results/fixed_fanin.jsonl``.
 
     python benchmarks/bench_fixed_fanin.py [--labels 670091 2812281] [--fan-in 32 64 128] [--batch 128]
+        [--group 16]
 """
 
 from __future__ import annotations
@@ -75,18 +81,23 @@ def matmul_rate(device) -> float:
     return 2 * n**3 / (ms * 1e-3)
 
 
-def floors(B: int, D: int, L: int, K: int | None, dt_x, dt_w, dt_i, dt_w_grad) -> dict[str, tuple[int, str]]:
+def floors(
+    B: int, D: int, L: int, K: int | None, dt_x, dt_w, dt_i, dt_w_grad, group: int = 1
+) -> dict[str, tuple[int, str]]:
     """Bytes that must move for the forward and the forward + backward, with the formula.
 
     ``K`` None: the dense (L, D) layer. Inputs read once (x, weight, ids, bias, grad_out), outputs written
-    once (out, grad_x, grad_w, grad_b)."""
+    once (out, grad_x, grad_w, grad_b). ``group`` G: one id row per G labels."""
     sx, sw, sg = _size(dt_x), _size(dt_w), _size(dt_w_grad)
     if K is None:
         params, params_f = L * D * sw, f"L*D*{sw}"
         grads, grads_f = L * D * sg + L * sg, f"L*D*{sg} + L*{sg}"
     else:
         si = _size(dt_i)
-        params, params_f = L * K * (sw + si), f"L*K*({sw}+{si})"
+        if group > 1:
+            params, params_f = L * K * sw + -(-L // group) * K * si, f"L*K*{sw} + L/{group}*K*{si}"
+        else:
+            params, params_f = L * K * (sw + si), f"L*K*({sw}+{si})"
         grads, grads_f = L * K * sg + L * sg, f"L*K*{sg} + L*{sg}"
     bias, bias_f = L * sw, f"L*{sw}"
     act, act_f = B * D * sx + B * L * sx, f"B*D*{sx} + B*L*{sx}"  # x read, out written (x's dtype)
@@ -126,6 +137,30 @@ def fixed_variants(x, g, L, K, device):
             return fixed_fanin_backward_triton(g, x, w, indices, col_ptr, slots, True, True, True)
 
         yield f"fixed-{_name(w_dtype)}-w", w_dtype, indices.dtype, forward, forward_backward
+
+
+def grouped_variants(x, g, L, K, group, device):
+    """(name, weight dtype, forward fn, forward+backward fn) of the grouped fan-in layer's Triton kernels."""
+    from xmc.kernels.fixed_fanin import column_transpose
+    from xmc.kernels.grouped_fanin import grouped_fanin_backward_triton, grouped_fanin_forward_triton
+
+    from xmc.nn.fixed_fanin import FixedFanInLinear
+
+    layer = FixedFanInLinear(x.shape[1], L, K, device=device, group=group)
+    indices = layer.indices
+    col_ptr, slots = column_transpose(indices, x.shape[1])
+    for w_dtype in (torch.bfloat16, torch.float32):
+        w = layer.weight.detach().to(w_dtype)
+        b = layer.bias.detach().to(w_dtype)
+
+        def forward(w=w, b=b):
+            return grouped_fanin_forward_triton(x, w, indices, group, b)
+
+        def forward_backward(w=w, b=b):
+            grouped_fanin_forward_triton(x, w, indices, group, b)
+            return grouped_fanin_backward_triton(g, x, w, indices, group, col_ptr, slots, True, True, True)
+
+        yield f"grouped-G{group}-{_name(w_dtype)}-w", w_dtype, indices.dtype, forward, forward_backward
 
 
 def dense_variants(x, g, L, device):
@@ -240,6 +275,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--labels", nargs="+", type=int, default=[670_091, 2_812_281])
     parser.add_argument("--fan-in", nargs="+", type=int, default=[32, 64, 128])
+    parser.add_argument("--group", nargs="*", type=int, default=[16], help="grouped fan-in G (none: skip)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--memory-fan-in", type=int, default=64)
@@ -277,14 +313,20 @@ def main() -> None:
         if "kernels" not in args.skip:
             # Lazily: each variant's tensors are freed before the next one's are built.
             runs = itertools.chain(
-                ((K, v) for K in args.fan_in for v in fixed_variants(x, g, L, K, device)),
-                ((None, v) for v in dense_variants(x, g, L, device)),
+                ((K, 1, v) for K in args.fan_in for v in fixed_variants(x, g, L, K, device)),
+                (
+                    (K, G, v)
+                    for K in args.fan_in
+                    for G in args.group
+                    for v in grouped_variants(x, g, L, K, G, device)
+                ),
+                ((None, 1, v) for v in dense_variants(x, g, L, device)),
             )
-            for K, (name, w_dtype, i_dtype, forward, forward_backward) in runs:
+            for K, G, (name, w_dtype, i_dtype, forward, forward_backward) in runs:
                 grad_dtype = w_dtype
-                bytes_ = floors(B, D, L, K, torch.bfloat16, w_dtype, i_dtype, grad_dtype)
+                bytes_ = floors(B, D, L, K, torch.bfloat16, w_dtype, i_dtype, grad_dtype, G)
                 for what, fn in (("forward", forward), ("forward_backward", forward_backward)):
-                    row = {**meta, "bench": "kernel", "variant": name, "L": L, "K": K, "what": what}
+                    row = {**meta, "bench": "kernel", "variant": name, "L": L, "K": K, "G": G, "what": what}
                     row["weight_dtype"], row["x_dtype"] = _name(w_dtype), "bfloat16"
                     row["id_dtype"] = _name(i_dtype) if i_dtype else None
                     try:
@@ -295,7 +337,14 @@ def main() -> None:
                         continue
                     floor_bytes, formula = bytes_[what]
                     row["floor_bytes"], row["floor_formula"] = floor_bytes, formula
-                    row["floor_ms"] = floor_bytes / bandwidth * 1e3
+                    row["floor_ms"] = row["bytes_floor_ms"] = floor_bytes / bandwidth * 1e3
+                    if G > 1:  # tensor-core products: 2 B L K FLOPs each, one forward, three in all
+                        flops = 2 * B * L * K * (1 if what == "forward" else 3)
+                        row["compute_floor_ms"] = flops / rate * 1e3
+                        row["compute_formula"] = (
+                            f"{flops:.3e} FLOP ({'2' if what == 'forward' else '6'}*B*L*K)"
+                        )
+                        row["floor_ms"] = max(row["floor_ms"], row["compute_floor_ms"])
                     row["floor_pct"] = 100 * row["floor_ms"] / row["ms"]
                     append_row(args.results, row)
                     table.append(row)
