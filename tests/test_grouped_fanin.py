@@ -12,10 +12,10 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close
-
 import xmc.kernels.fixed_fanin as ff
 import xmc.kernels.grouped_fanin as gf
+from conftest import assert_close
+
 from xmc.classifiers import FixedFanInClassifier
 from xmc.dst import SET, SETConfig
 from xmc.losses import Positives
@@ -60,7 +60,8 @@ def dense_oracle(x, weight, ids, G, bias, grad_out):
     """(out, grad_x, grad_w, grad_b) in float64 from the dense (L, D) weight."""
     x, w, g = x.double(), weight.double(), grad_out.double()
     label_ids = ids.long().repeat_interleave(G, 0)[: w.shape[0]]
-    dense = torch.zeros(w.shape[0], x.shape[1], dtype=torch.float64, device=x.device).scatter_(1, label_ids, w)
+    dense = torch.zeros(w.shape[0], x.shape[1], dtype=torch.float64, device=x.device)
+    dense.scatter_(1, label_ids, w)
     out = x @ dense.T + (0 if bias is None else bias.double())
     return out, g @ dense, (g.T @ x).gather(1, label_ids), g.sum(0)
 
@@ -281,7 +282,8 @@ def test_set_rewires_whole_groups_by_summed_magnitude():
         assert torch.equal(layer.indices[group, kept], before[group, kept])
         assert int(layer.indices[group, slot]) not in before[group].tolist()
         assert len(set(layer.indices[group].tolist())) == 4
-    assert float(layer.weight.detach()[0, 1]) == pytest.approx(0.05)  # a single weak label does not decide the group's pruning
+    # A single weak label does not decide the group's pruning.
+    assert float(layer.weight.detach()[0, 1]) == pytest.approx(0.05)
 
 
 def test_config_rejects_groups_off_fixed_fanin():

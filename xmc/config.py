@@ -120,6 +120,9 @@ class TrainConfig:
     # fp32, or bf16: the classifier's weights and AdamW moments in bf16 with stochastic rounding and no fp32
     # copy (xmc.optim): half the classifier's state bytes, for dense and fixed fan-in classifiers
     classifier_state: str = "fp32"
+    # The classifier's gradients computed with its loss in one pass (on CUDA, fixed fan-in: one fused kernel
+    # for logits, loss and gradients); false recomputes each label chunk's logits in backward
+    fused_loss: bool = True
     encoder_weight_decay: float = 0.01
     classifier_weight_decay: float = 1e-4
     warmup: float = 0.05  # warmup as a fraction of the total steps, then cosine decay

@@ -5,7 +5,10 @@ The training loop, the memory planner and prediction talk to classifiers only th
 - ``num_labels``, ``in_features``, ``label_offset`` (global id of local label 0, for label shards);
 - ``forward(h) -> (B, L)`` logits, for small L;
 - ``loss(h, positives, kind) -> scalar``, the mean loss over all B x L pairs, computed label chunk
-  by label chunk so that the B x L logits never exist in full (the backward recomputes each chunk);
+  by label chunk so that the B x L logits never exist in full. While gradients are wanted the loss is
+  fused (``fused_loss``, the default): each chunk's gradients are computed with its loss, in one pass,
+  and handed to autograd in backward (scaled by the upstream gradient); otherwise, or with fp16
+  activations (whose loss scale is known only in backward), the backward recomputes each chunk;
 - ``topk(h, k) -> (scores, ids)`` over all labels in bounded memory, ties to the lower label id;
 - ``state_bytes(in_features, num_labels, ...)``, a classmethod, for the memory planner: bytes by
   component computed from the shape alone, so a plan never allocates the model
@@ -13,7 +16,8 @@ The training loop, the memory planner and prediction talk to classifiers only th
 - ``shard(rank, world)``: the same classifier restricted to a contiguous label range;
   ``label_state_names()`` names what a shard slices (label-indexed weights and ids).
 
-A backend implements ``chunk_logits`` and ``chunk_backward`` for a label range and lists its
+A backend implements ``chunk_logits`` and ``chunk_backward`` for a label range (and may replace
+``chunk_loss_step``, a chunk's loss with its gradients, by a fused kernel) and lists its
 label-indexed parameters in ``label_parameters`` (dimension 0 runs over labels) and any parameters
 every label chunk reads (RPS's shared array) in ``shared_parameters``; the rest is shared code.
 """
@@ -24,6 +28,7 @@ import abc
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from xmc.losses import Positives, chunk_loss_and_grad
 from xmc.topk import topk_merge_torch
@@ -38,6 +43,8 @@ class Classifier(nn.Module, abc.ABC):
     in_features: int
     num_labels: int
     label_offset: int = 0
+    # Gradients computed with the loss in one pass (train.fused_loss); False recomputes in backward.
+    fused_loss: bool = True
 
     @abc.abstractmethod
     def chunk_logits(self, h: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -132,9 +139,32 @@ class Classifier(nn.Module, abc.ABC):
             raise ValueError(
                 f"positives over {positives.num_labels} labels for a {self.num_labels}-label classifier"
             )
-        return _ChunkedLoss.apply(
-            h, positives, self, kind, *self.label_parameters(), *self.shared_parameters()
-        )
+        params = [*self.label_parameters(), *self.shared_parameters()]
+        wanted = h.requires_grad or any(p.requires_grad for p in params)
+        if self.fused_loss and torch.is_grad_enabled() and wanted and h.dtype != torch.float16:
+            return _FusedChunkedLoss.apply(h, positives, self, kind, *params)
+        return _ChunkedLoss.apply(h, positives, self, kind, *params)
+
+    def chunk_loss_step(
+        self,
+        h: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        kind: str,
+        scale: float | torch.Tensor,
+        start: int,
+        stop: int,
+        need_input: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]]:
+        """The summed loss of labels ``start..stop-1`` (positives at ``(rows, cols)``, cols counted from
+        ``start``) and its gradients times ``scale``, as :meth:`chunk_backward` returns them:
+        ``(loss_sum, grad_h part or None, per-parameter parts)``."""
+        logits = self.chunk_logits(h, start, stop)
+        total, g = chunk_loss_and_grad(logits, rows, cols, kind, want_grad=True)
+        g = (g * scale).to(logits.dtype)
+        del logits
+        part_h, parts = self.chunk_backward(h, g, start, stop, need_input=need_input)
+        return total, part_h, parts
 
     @torch.no_grad()
     def dense_gradient(
@@ -219,47 +249,87 @@ class _ChunkedLoss(torch.autograd.Function):
     def backward(ctx, grad_output):
         (h,) = ctx.saved_tensors
         classifier: Classifier = ctx.classifier
-        num_label_params = len(classifier.label_parameters())
-        params = classifier.label_parameters() + classifier.shared_parameters()
         scale = grad_output / (h.shape[0] * classifier.num_labels)
-        grad_h = torch.zeros_like(h, dtype=scale.dtype) if ctx.needs_input_grad[0] else None
-        needs = ctx.needs_input_grad[4:]
-        chunks = list(_chunks(classifier, h.shape[0]))
-        single = len(chunks) == 1
-        # One chunk: its gradients are the whole gradients, used as they come (no second buffer).
-        # Several: label-indexed rows are written once each, shared parameters are summed.
-        grads = [
-            None
-            if not need or single
-            else (torch.empty_like(p) if i < num_label_params else torch.zeros_like(p))
-            for i, (p, need) in enumerate(zip(params, needs, strict=True))
-        ]
         with torch.no_grad():
-            for start, stop in chunks:
-                logits = classifier.chunk_logits(h, start, stop)
-                _, g = chunk_loss_and_grad(
-                    logits, *ctx.positives.block(start, stop), ctx.kind, want_grad=True
-                )
-                g = (g * scale).to(logits.dtype)
-                del logits
-                part_h, part_params = classifier.chunk_backward(
-                    h, g, start, stop, need_input=grad_h is not None
-                )
-                del g
-                if grad_h is not None:
-                    grad_h += part_h
-                for i, part in enumerate(part_params):
-                    if not needs[i] or part is None:
-                        continue
-                    if single:
-                        grads[i] = part.to(params[i].dtype)
-                    elif i < num_label_params:
-                        grads[i][start:stop] = part
-                    else:
-                        grads[i] += part
-        if grad_h is not None:
-            grad_h = grad_h.to(h.dtype)
+            _, grad_h, grads = _loss_and_gradients(
+                classifier,
+                h,
+                ctx.positives,
+                ctx.kind,
+                scale,
+                ctx.needs_input_grad[0],
+                ctx.needs_input_grad[4:],
+            )
         return (grad_h, None, None, None, *grads)
+
+
+class _FusedChunkedLoss(torch.autograd.Function):
+    """Mean loss over label chunks with every gradient computed in the same pass (one logits pass instead of
+    two); backward scales the kept gradients by the upstream gradient, in place."""
+
+    @staticmethod
+    def forward(ctx, h, positives: Positives, classifier: Classifier, kind: str, *params):
+        size = h.shape[0] * classifier.num_labels
+        total, grad_h, grads = _loss_and_gradients(
+            classifier, h, positives, kind, 1.0 / size, ctx.needs_input_grad[0], ctx.needs_input_grad[4:]
+        )
+        ctx.gradients = (grad_h, grads)
+        return total / size
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        grad_h, grads = ctx.gradients
+        del ctx.gradients
+        for grad in (grad_h, *grads):
+            if grad is not None:
+                grad.mul_(grad_output.to(grad.dtype))
+        return (grad_h, None, None, None, *grads)
+
+
+def _loss_and_gradients(
+    classifier: Classifier,
+    h: torch.Tensor,
+    positives: Positives,
+    kind: str,
+    scale: float | torch.Tensor,
+    need_h: bool,
+    needs: tuple[bool, ...],
+) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]]:
+    """Summed loss over every label chunk and the gradients (times ``scale``) to ``h`` (in h's dtype; None
+    unless ``need_h``) and to each parameter of ``label_parameters() + shared_parameters()`` marked in
+    ``needs``. One chunk's gradients are the whole gradients, used as they come (no second buffer); with
+    several, label-indexed rows are written once each and shared parameters summed."""
+    num_label_params = len(classifier.label_parameters())
+    params = classifier.label_parameters() + classifier.shared_parameters()
+    total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+    grad_h = torch.zeros(h.shape, dtype=total.dtype, device=h.device) if need_h else None
+    chunks = list(_chunks(classifier, h.shape[0]))
+    single = len(chunks) == 1
+    grads = [
+        None if not need or single else (torch.empty_like(p) if i < num_label_params else torch.zeros_like(p))
+        for i, (p, need) in enumerate(zip(params, needs, strict=True))
+    ]
+    for start, stop in chunks:
+        rows, cols = positives.block(start, stop)
+        part, part_h, part_params = classifier.chunk_loss_step(
+            h, rows, cols, kind, scale, start, stop, need_h
+        )
+        total += part
+        if grad_h is not None:
+            grad_h += part_h
+        for i, grad in enumerate(part_params):
+            if not needs[i] or grad is None:
+                continue
+            if single:
+                grads[i] = grad.to(params[i].dtype)
+            elif i < num_label_params:
+                grads[i][start:stop] = grad
+            else:
+                grads[i] += grad
+    if grad_h is not None:
+        grad_h = grad_h.to(h.dtype)
+    return total, grad_h, grads
 
 
 def _chunks(classifier: Classifier, batch_size: int):

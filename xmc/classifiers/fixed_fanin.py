@@ -22,6 +22,7 @@ from xmc.kernels.fixed_fanin import (
     fixed_fanin_input_gradient_triton,
     use_triton,
 )
+from xmc.kernels.fixed_fanin_loss import MAX_BATCH, fixed_fanin_loss_triton
 from xmc.kernels.grouped_fanin import (
     _GROUP_BUFFER_BYTES,
     grouped_fanin,
@@ -128,6 +129,34 @@ class FixedFanInClassifier(Classifier):
             need_b=has_bias,
         )
         return (grad_h if grad_h is not None else part_h), [grad_w] + ([grad_b] if has_bias else [])
+
+    def chunk_loss_step(self, h, rows, cols, kind, scale, start, stop, need_input):
+        """On the Triton path (plain layer, B <= 128, the fused pass's float scale): one fused kernel per
+        label range computes the chunk's logits, loss and gradients (:mod:`xmc.kernels.fixed_fanin_loss`)."""
+        layer = self.layer
+        fused = (
+            isinstance(scale, float)
+            and layer.group == 1
+            and h.shape[0] <= MAX_BATCH
+            and use_triton("auto", h, layer.weight)
+        )
+        if not fused:
+            return super().chunk_loss_step(h, rows, cols, kind, scale, start, stop, need_input)
+        total, grad_h, grad_w, grad_b = fixed_fanin_loss_triton(
+            h,
+            layer.weight,
+            layer.indices,
+            layer.bias,
+            rows,
+            cols,
+            kind,
+            scale,
+            *layer.column_transpose(),
+            row_start=start,
+            row_stop=stop,
+            need_x=need_input,
+        )
+        return total, grad_h, [grad_w] + ([grad_b] if layer.bias is not None else [])
 
     def _grouped_chunk_backward(self, h, grad_logits, start, stop, need_input):
         layer = self.layer

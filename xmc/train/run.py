@@ -54,6 +54,7 @@ def build_model(config: Config, encoder, num_labels: int, clusters: np.ndarray |
         intermediate = _intermediate(config, width)
         width = config.classifier.intermediate
     classifier = build_classifier(config.classifier, width, num_labels, config.seed)
+    classifier.fused_loss = config.train.fused_loss
     meta = None
     if clusters is not None:
         from xmc.meta import MetaHead
