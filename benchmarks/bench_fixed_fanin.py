@@ -18,6 +18,15 @@ Grouped fan-in (``--group``, labels in groups of G share one id row, products on
 bandwidth and its tensor-core work (2 B L K FLOPs forward, 6 B L K forward + backward) over the bf16 matmul
 rate measured in the same run.
 
+The classifier training step (``--step-labels``, default 2,812,281; K = ``--memory-fan-in``): forward, loss
+(BCE over 5 positives a row), backward and AdamW update (torch's fused AdamW, fp32 weights and moments), the
+input a bf16 (B, D) batch that needs a gradient, as an encoder's output. Fixed fan-in runs its fused-loss
+kernel; the dense baseline (fp32 master weights under bf16 autocast) its chunked loss with gradients computed
+in the same pass. Each row has the step time, peak memory allocated, and the step's floor: the larger of the
+bytes it must move (formula printed) over the copy bandwidth and its FLOPs (6 B L K for the fixed fan-in
+gathers, on CUDA cores; 6 B L D for the dense products, on tensor cores) over the matching rate measured in
+the same run (an fp32 matmul with TF32 off, a bf16 matmul).
+
 Also measured: peak memory allocated by a forward + backward at K = 64 (fixed fan-in module with fp32
 weights under bf16 autocast against the dense fp32-master recipe, parameters included), and the time of
 one SET rewiring (prune 25% of every row, regrow at random, reset Adam moments) at the largest L and K,
@@ -72,12 +81,17 @@ def copy_bandwidth(device) -> float:
     return 2 * GIB / (ms * 1e-3)
 
 
-def matmul_rate(device) -> float:
-    """bf16 tensor-core FLOP/s of an 8192^3 product (random data)."""
+def matmul_rate(device, dtype=torch.bfloat16) -> float:
+    """FLOP/s of an 8192^3 product (random data): bf16 on tensor cores, or fp32 with TF32 off (CUDA cores)."""
     n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    ms = timed(lambda: a @ b)["ms"]
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ms = timed(lambda: a @ b)["ms"]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     return 2 * n**3 / (ms * 1e-3)
 
 
@@ -230,6 +244,52 @@ def peak_memory(kind: str, B: int, D: int, L: int, K: int, device) -> dict:
     return {"peak_allocated_bytes": peak, "peak_allocated_gib": peak / GIB}
 
 
+def classifier_step(kind: str, B: int, D: int, L: int, K: int, device) -> dict:
+    """Time and peak memory of one classifier training step (see the module docstring), and its floor terms:
+    (bytes that must move, formula) and (FLOPs, the unit that does them)."""
+    from xmc.classifiers import DenseClassifier, FixedFanInClassifier
+    from xmc.losses import Positives
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    gen = torch.Generator().manual_seed(0)
+    positives = Positives.from_lists(torch.randint(0, L, (B, 5), generator=gen).tolist(), L, device=device)
+    h = torch.randn(B, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+    clf = (
+        FixedFanInClassifier(D, L, K, device=device) if kind == "fixed" else DenseClassifier(D, L).to(device)
+    )
+    optimizer = torch.optim.AdamW(clf.parameters(), lr=1e-3, fused=True)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        h.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = clf.loss(h, positives, "bce")
+        loss.backward()
+        optimizer.step()
+
+    step()  # AdamW's moments exist from here on
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    row = {**timed(step), "peak_allocated_bytes": peak, "peak_allocated_gib": peak / GIB}
+    if kind == "fixed":
+        # weights + ids read, grad_w written, the gradient buffer written and read (bf16), the input
+        # gradient's column-order weight and slot reads, AdamW: w, grad, m, v read and w, m, v written (fp32).
+        row["floor_bytes"] = L * K * (4 + 2 + 4 + 4 + 4 + 28) + 2 * B * L * 2
+        row["floor_formula"] = "L*K*(4+2+4+4+4+28) + 2*B*L*2"
+        row["flops"], row["flop_unit"] = 6 * B * L * K, "fp32 CUDA cores (6*B*L*K)"
+    else:
+        # weights read (fp32, cast to bf16 by autocast: read twice), grad_w written, AdamW as above.
+        row["floor_bytes"] = L * D * (4 + 4 + 4 + 28)
+        row["floor_formula"] = "L*D*(4+4+4+28)"
+        row["flops"], row["flop_unit"] = 6 * B * L * D, "bf16 tensor cores (6*B*L*D)"
+    return row  # the classifier and its optimizer state go with this frame
+
+
 def rewiring(L: int, K: int, D: int, device, repeats: int = 7) -> dict:
     """Median time of one SET rewiring (fraction 0.25, random regrowth, AdamW moments reset), and of the
     rewiring plus the rebuild of the column transpose."""
@@ -280,7 +340,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--memory-fan-in", type=int, default=64)
     parser.add_argument("--rewire-fan-in", type=int, default=128)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["kernels", "memory", "rewire"])
+    parser.add_argument("--step-labels", type=int, default=2_812_281)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["kernels", "memory", "step", "rewire"])
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -302,8 +363,13 @@ def main() -> None:
     }
     bandwidth = copy_bandwidth(device)
     rate = matmul_rate(device)
-    append_row(args.results, {**meta, "bench": "ceilings", "copy_bytes_per_s": bandwidth, "bf16_flops": rate})
-    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write), bf16 matmul {rate / 1e12:.0f} TFLOP/s")
+    fp32_rate = matmul_rate(device, torch.float32)
+    ceilings = {"copy_bytes_per_s": bandwidth, "bf16_flops": rate, "fp32_flops": fp32_rate}
+    append_row(args.results, {**meta, "bench": "ceilings", **ceilings})
+    print(
+        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write), bf16 matmul {rate / 1e12:.0f} TFLOP/s, "
+        f"fp32 matmul (no TF32) {fp32_rate / 1e12:.0f} TFLOP/s"
+    )
 
     table = []
     gen = torch.Generator(device=device).manual_seed(0)
@@ -363,6 +429,40 @@ def main() -> None:
             print(
                 f"L={L} K={K} peak allocated fwd+bwd: fixed {peaks['fixed']['peak_allocated_gib']:.2f} GiB, "
                 f"dense fp32-master {peaks['dense']['peak_allocated_gib']:.2f} GiB ({ratio:.1f}x)"
+            )
+    if "step" not in args.skip:
+        L, K = args.step_labels, args.memory_fan_in
+        steps = {}
+        for kind in ("fixed", "dense"):
+            row = {
+                **meta,
+                "bench": "classifier_step",
+                "variant": kind,
+                "L": L,
+                "K": K if kind == "fixed" else None,
+            }
+            try:
+                row.update(classifier_step(kind, B, D, L, K, device))
+            except torch.OutOfMemoryError as err:
+                row["error"] = f"OutOfMemoryError: {err}"
+                append_row(args.results, row)
+                continue
+            row["bytes_floor_ms"] = row["floor_bytes"] / bandwidth * 1e3
+            unit_rate = fp32_rate if kind == "fixed" else rate
+            row["compute_floor_ms"] = row["flops"] / unit_rate * 1e3
+            row["floor_ms"] = max(row["bytes_floor_ms"], row["compute_floor_ms"])
+            row["floor_pct"] = 100 * row["floor_ms"] / row["ms"]
+            append_row(args.results, row)
+            steps[kind] = row
+            gc.collect()
+            torch.cuda.empty_cache()
+        if len(steps) == 2:
+            fixed, dense = steps["fixed"], steps["dense"]
+            print(
+                f"classifier step L={L} K={K}: fixed fan-in {fixed['ms']:.2f} ms "
+                f"({fixed['floor_pct']:.0f}% of floor), {fixed['peak_allocated_gib']:.2f} GiB; "
+                f"dense {dense['ms']:.2f} ms, "
+                f"{dense['peak_allocated_gib']:.2f} GiB; dense / fixed {dense['ms'] / fixed['ms']:.1f}x"
             )
     if "rewire" not in args.skip:
         L, K = max(args.labels), args.rewire_fan_in
