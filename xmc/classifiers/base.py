@@ -163,7 +163,9 @@ class Classifier(nn.Module, abc.ABC):
         total, g = chunk_loss_and_grad(logits, rows, cols, kind, want_grad=True)
         g = (g * scale).to(logits.dtype)
         del logits
-        part_h, parts = self.chunk_backward(h, g, start, stop, need_input=need_input)
+        # As in a backward pass, which runs outside the caller's autocast: the same products either way.
+        with torch.autocast(h.device.type, enabled=False):
+            part_h, parts = self.chunk_backward(h, g, start, stop, need_input=need_input)
         return total, part_h, parts
 
     @torch.no_grad()
