@@ -265,7 +265,8 @@ def human(n: float) -> str:
     """Bytes as B / KiB / MiB / GiB with three significant figures."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
+            value = n / scale
+            return f"{value:.3g} {unit}" if abs(value) < 1000 else f"{value:.0f} {unit}"  # never 1.02e+03
     return f"{n:.0f} B"
 
 
@@ -299,7 +300,7 @@ def format_report(data: dict) -> str:
         if any(by[n]["components"].get(c) for n in names)  # rows that are zero everywhere are left out
     ]
     width = max(len(c) for c in components + ["total"]) + 2
-    col = max(16, *(len(n) + 2 for n in names))
+    col = max(17, *(len(n) + 2 for n in names))  # "yes +1020 MiB" and a space before it
     lines.append(" " * width + "".join(f"{n:>{col}}" for n in names))
     for comp in components:
         cells = []
