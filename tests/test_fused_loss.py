@@ -209,3 +209,16 @@ def test_gpu_fused_kernel(dtype, poisoned):
     tol = TOL if dtype == torch.float32 else 1e-2
     for g, r, what in zip(got, want, ("loss", "grad_x", "grad_w", "grad_b"), strict=True):
         assert_close(g.reshape(-1), r.reshape(-1), tol, what)
+
+
+def test_fp16_keeps_the_recomputing_loss():
+    """Under fp16 (activations or autocast) a chunk's gradient would underflow before the loss scale,
+    known only in backward, multiplies it: the loss takes the recomputing path there."""
+    clf = DenseClassifier(13, 37)
+    _, _, _, _, positives = random_case(6, 13, 37, 4, 14, device="cpu")
+    h = torch.randn(6, 13, requires_grad=True)
+    assert "Fused" in type(clf.loss(h, positives, "bce").grad_fn).__name__
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert "Fused" not in type(clf.loss(h, positives, "bce").grad_fn).__name__
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "Fused" in type(clf.loss(h, positives, "bce").grad_fn).__name__

@@ -286,7 +286,9 @@ def format_report(data: dict) -> str:
             if plan["world_size"] > 1
             else ""
         )
-        + f", D = {plan['width']}, K = {plan['fan_in']}, batch {plan['batch']}"
+        + f", D = {plan['width']}, K = {plan['fan_in']}"
+        + (f", groups of {plan['fan_in_group']}" if plan.get("fan_in_group", 1) > 1 else "")
+        + f", batch {plan['batch']}"
         + (f" x {plan['grad_accum']} accumulated" if plan["grad_accum"] > 1 else "")
         + f", {plan['precision']}, {plan['optimizer']}",
         f"encoder {enc['name']} ({enc['kind']}, {enc['parameters'] / 1e6:.1f}M parameters"

@@ -141,7 +141,7 @@ class Classifier(nn.Module, abc.ABC):
             )
         params = [*self.label_parameters(), *self.shared_parameters()]
         wanted = h.requires_grad or any(p.requires_grad for p in params)
-        if self.fused_loss and torch.is_grad_enabled() and wanted and h.dtype != torch.float16:
+        if self.fused_loss and torch.is_grad_enabled() and wanted and not _fp16(h):
             return _FusedChunkedLoss.apply(h, positives, self, kind, *params)
         return _ChunkedLoss.apply(h, positives, self, kind, *params)
 
@@ -194,6 +194,15 @@ class Classifier(nn.Module, abc.ABC):
                 best_scores, best_ids, scores, self.label_offset + start, k
             )
         return best_scores, best_ids
+
+
+def _fp16(h: torch.Tensor) -> bool:
+    """Whether the loss meets fp16 (activations, or autocast to fp16): its gradients are then scaled by the
+    loss scale before they are rounded, which only the backward pass knows."""
+    device = h.device.type
+    return h.dtype == torch.float16 or (
+        torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+    )
 
 
 def label_chunk(num_labels: int, batch_size: int) -> int:
