@@ -87,6 +87,20 @@ def test_kernel_matches_reference(case, kind, poisoned, monkeypatch):
 
 
 @needs_triton
+def test_kernel_without_the_input_gradient(poisoned):
+    """Fixed inputs (no gradient to x): no column view needed, grad_x None, the rest unchanged."""
+    x, w, idx, b, positives = random_case(4, 21, 30, 5, 6)
+    rows, cols = positives.block(0, 30)
+    want = fl.fixed_fanin_loss_reference(x, w, idx, b, rows, cols, "bce", 0.1, 0, 30, need_x=False)
+    got = fl.fixed_fanin_loss_triton(x, w, idx, b, rows, cols, "bce", 0.1, None, None, 0, 30, need_x=False)
+    assert got[1] is None and want[1] is None
+    for g, r, what in zip(
+        got[::2] + got[3:], want[::2] + want[3:], ("loss", "grad_w", "grad_b"), strict=True
+    ):
+        assert_close(g.reshape(-1), r.reshape(-1), TOL, what)
+
+
+@needs_triton
 def test_kernel_refuses_large_batches_and_bad_ranges(poisoned):
     x, w, idx, b, positives = random_case(129, 10, 8, 2, 3, device="cpu")
     rows, cols = positives.block(0, 8)

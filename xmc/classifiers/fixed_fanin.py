@@ -142,6 +142,8 @@ class FixedFanInClassifier(Classifier):
         )
         if not fused:
             return super().chunk_loss_step(h, rows, cols, kind, scale, start, stop, need_input)
+        # Fixed inputs (need_input False) never read the column view: do not build it after a rewiring.
+        transpose = layer.column_transpose() if need_input else (None, None)
         total, grad_h, grad_w, grad_b = fixed_fanin_loss_triton(
             h,
             layer.weight,
@@ -151,7 +153,7 @@ class FixedFanInClassifier(Classifier):
             cols,
             kind,
             scale,
-            *layer.column_transpose(),
+            *transpose,
             row_start=start,
             row_stop=stop,
             need_x=need_input,
