@@ -497,43 +497,63 @@ def _input_gradient(
     B, n = grad_out.shape
     L, K = weight.shape
     rows = max(1, _BWD_X_CHUNK_BYTES // (B * grad_out.element_size()))
-    block_b = _block(B, _BWD_X_MAX_BLOCK_B)
     steps = max(1, (L * K).bit_length() + 1)  # binary-search rounds: enough for any column's segment
     # Splits give a GPU enough programs; small layers (and the interpreter) need one.
     splits = max(1, min(_BWD_X_SPLITS, min(rows, n) * K // (D * _BWD_X_SPLIT_SLOTS)))
-    grid = (triton.cdiv(D, _BWD_X_BLOCK_D), splits, triton.cdiv(B, block_b))
     parts = _new_output((splits, B, D), torch.float32, grad_out.device)
     total = torch.zeros((B, D), dtype=torch.float32, device=grad_out.device)
     for row0 in range(row_start, row_start + n, rows):
         row1 = min(row_start + n, row0 + rows)
         gt = grad_out[:, row0 - row_start : row1 - row_start].t().contiguous()  # (rows, B)
-        _fixed_fanin_bwd_x_kernel[grid](
-            gt,
-            weight,
-            col_ptr,
-            slots,
-            parts,
-            B,
-            D,
-            K,
-            row0,
-            row1,
-            steps,
-            gt.stride(0),
-            gt.stride(1),
-            weight.stride(0),
-            weight.stride(1),
-            parts.stride(0),
-            parts.stride(1),
-            parts.stride(2),
-            SPLITS=splits,
-            BLOCK_B=block_b,
-            BLOCK_D=_BWD_X_BLOCK_D,
-            BLOCK_S=_BWD_X_BLOCK_S,
-            num_warps=4,
-        )
-        total += parts.sum(dim=0)
+        total += _gather_input_gradient(gt, weight, col_ptr, slots, parts, K, row0, row1, steps)
     return total
+
+
+def _gather_input_gradient(
+    gt: torch.Tensor,
+    weight: torch.Tensor,
+    col_ptr: torch.Tensor,
+    slots: torch.Tensor,
+    parts: torch.Tensor,
+    K: int,
+    row0: int,
+    row1: int,
+    steps: int,
+    weight_strides: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """One launch of the input-gradient kernel over rows ``row0 .. row1 - 1``, whose transposed gradients
+    are ``gt`` (rows, B); fills ``parts`` (splits, B, D) and returns their sum (B, D) in fp32.
+    ``weight_strides`` overrides the weight's (a one-element tensor with strides (0, 0) weighs every
+    slot 1, as the grouped layer's second pass needs)."""
+    splits, B, D = parts.shape
+    block_b = _block(B, _BWD_X_MAX_BLOCK_B)
+    stride_wl, stride_wk = weight.stride() if weight_strides is None else weight_strides
+    _fixed_fanin_bwd_x_kernel[(triton.cdiv(D, _BWD_X_BLOCK_D), splits, triton.cdiv(B, block_b))](
+        gt,
+        weight,
+        col_ptr,
+        slots,
+        parts,
+        B,
+        D,
+        K,
+        row0,
+        row1,
+        steps,
+        gt.stride(0),
+        gt.stride(1),
+        stride_wl,
+        stride_wk,
+        parts.stride(0),
+        parts.stride(1),
+        parts.stride(2),
+        SPLITS=splits,
+        BLOCK_B=block_b,
+        BLOCK_D=_BWD_X_BLOCK_D,
+        BLOCK_S=_BWD_X_BLOCK_S,
+        num_warps=4,
+    )
+    return parts.sum(dim=0)
 
 
 def fixed_fanin_input_gradient_triton(

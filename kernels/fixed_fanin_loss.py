@@ -31,14 +31,12 @@ from __future__ import annotations
 
 import torch
 from xmc.kernels.fixed_fanin import (
-    _BWD_X_BLOCK_D,
-    _BWD_X_BLOCK_S,
     _BWD_X_CHUNK_BYTES,
     _BWD_X_SPLIT_SLOTS,
     _BWD_X_SPLITS,
     TRITON_DTYPES,
     _block,
-    _fixed_fanin_bwd_x_kernel,
+    _gather_input_gradient,
     _lower_bound,
     _new_output,
     _require_triton,
@@ -216,7 +214,6 @@ def fixed_fanin_loss_triton(
     gt = _new_output((min(per_range, n), B), x.dtype, device)
     programs = triton.cdiv(min(per_range, n), _BLOCK_L)
     partials = _new_output((triton.cdiv(n, per_range), programs), torch.float32, device)
-    x_block_b = _block(B, 128)
     x_steps = max(1, (L * K).bit_length() + 1)
     splits = max(1, min(_BWD_X_SPLITS, min(per_range, n) * K // (D * _BWD_X_SPLIT_SLOTS)))
     parts = _new_output((splits, B, D), torch.float32, device) if need_x else None
@@ -259,32 +256,9 @@ def fixed_fanin_loss_triton(
             num_warps=4,
         )
         if need_x:
-            _fixed_fanin_bwd_x_kernel[(triton.cdiv(D, _BWD_X_BLOCK_D), splits, triton.cdiv(B, x_block_b))](
-                gt,
-                weight,
-                col_ptr,
-                slots,
-                parts,
-                B,
-                D,
-                K,
-                row_start + r0,
-                row_start + r1,
-                x_steps,
-                gt.stride(0),
-                gt.stride(1),
-                weight.stride(0),
-                weight.stride(1),
-                parts.stride(0),
-                parts.stride(1),
-                parts.stride(2),
-                SPLITS=splits,
-                BLOCK_B=x_block_b,
-                BLOCK_D=_BWD_X_BLOCK_D,
-                BLOCK_S=_BWD_X_BLOCK_S,
-                num_warps=4,
+            grad_x += _gather_input_gradient(
+                gt, weight, col_ptr, slots, parts, K, row_start + r0, row_start + r1, x_steps
             )
-            grad_x += parts.sum(dim=0)
     return partials.sum(), grad_x, grad_w, grad_b
 
 

@@ -45,10 +45,7 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 from xmc.kernels.fixed_fanin import (
-    _BWD_X_BLOCK_D,
-    _BWD_X_BLOCK_S,
     _BWD_X_CHUNK_BYTES,
-    _BWD_X_MAX_BLOCK_B,
     _BWD_X_SPLIT_SLOTS,
     _BWD_X_SPLITS,
     INDEX_DTYPES,
@@ -56,7 +53,7 @@ from xmc.kernels.fixed_fanin import (
     TRITON_DTYPES,
     _accumulation_dtype,
     _block,
-    _fixed_fanin_bwd_x_kernel,
+    _gather_input_gradient,
     _new_output,
     _require_triton,
     column_transpose,
@@ -439,7 +436,6 @@ def grouped_fanin_input_gradient_triton(
     first_group, end_group = row_start // group, num_groups(row_start + n, group)
     per_range = max(1, _GROUP_BUFFER_BYTES // (K * B * 4))
     block_b, block_g, block_k = _blocks(B, group, K)
-    x_block_b = _block(B, _BWD_X_MAX_BLOCK_B)
     steps = max(1, slots.numel().bit_length() + 1)
     splits = max(
         1, min(_BWD_X_SPLITS, min(per_range, end_group - first_group) * K // (D * _BWD_X_SPLIT_SLOTS))
@@ -472,32 +468,9 @@ def grouped_fanin_input_gradient_triton(
             BLOCK_K=block_k,
             num_warps=4,
         )
-        _fixed_fanin_bwd_x_kernel[(triton.cdiv(D, _BWD_X_BLOCK_D), splits, triton.cdiv(B, x_block_b))](
-            p,
-            ones,
-            col_ptr,
-            slots,
-            parts,
-            B,
-            D,
-            1,  # a "row" of pass 2 is one group slot
-            g0 * K,
-            g1 * K,
-            steps,
-            p.stride(0),
-            p.stride(1),
-            0,
-            0,
-            parts.stride(0),
-            parts.stride(1),
-            parts.stride(2),
-            SPLITS=splits,
-            BLOCK_B=x_block_b,
-            BLOCK_D=_BWD_X_BLOCK_D,
-            BLOCK_S=_BWD_X_BLOCK_S,
-            num_warps=4,
-        )
-        total += parts.sum(dim=0)
+        total += _gather_input_gradient(
+            p, ones, col_ptr, slots, parts, 1, g0 * K, g1 * K, steps, weight_strides=(0, 0)
+        )  # a pass-2 row is one group slot
     return grad_x.copy_(total)
 
 
