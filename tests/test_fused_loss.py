@@ -236,3 +236,31 @@ def test_fp16_keeps_the_recomputing_loss():
         assert "Fused" not in type(clf.loss(h, positives, "bce").grad_fn).__name__
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert "Fused" in type(clf.loss(h, positives, "bce").grad_fn).__name__
+
+
+@needs_triton
+def test_kernel_build_failure_falls_back_with_a_warning(poisoned, monkeypatch, caplog):
+    """A GPU or compiler that cannot build the fused kernel: one warning, then the per-chunk loss, with the
+    same loss and gradients."""
+    from triton.runtime.errors import OutOfResources
+
+    import xmc.classifiers.fixed_fanin as clf_module
+
+    def cannot_build(*args, **kwargs):
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setitem(clf_module._FUSED_KERNEL, "usable", True)
+    monkeypatch.setattr(clf_module, "fixed_fanin_loss_triton", cannot_build)
+    monkeypatch.setattr(clf_module, "use_triton", lambda backend, x, weight: True)
+    monkeypatch.setattr(ff, "use_triton", lambda backend, x, weight: True)
+    _, _, _, _, positives = random_case(4, 11, 20, 3, 6, device="cpu")
+    h0 = torch.randn(4, 11, generator=torch.Generator().manual_seed(8))
+    clf = FixedFanInClassifier(11, 20, 3, seed=4)
+    with caplog.at_level("WARNING", logger="xmc.classifiers.fixed_fanin"):
+        values, grads = _loss_and_grads(clf, h0, positives, "bce", fused=True, micro=2)
+    assert sum("could not be built" in r.getMessage() for r in caplog.records) == 1
+    assert clf_module._FUSED_KERNEL["usable"] is False
+    ref_values, ref_grads = _loss_and_grads(clf, h0, positives, "bce", fused=False, micro=2)
+    assert_close(torch.stack(values), torch.stack(ref_values), TOL, "loss")
+    for i, (got, want) in enumerate(zip(grads, ref_grads, strict=True)):
+        assert_close(got, want, TOL, f"gradient {i}")

@@ -6,6 +6,8 @@ cores (:mod:`xmc.kernels.grouped_fanin`). Label chunks then start on group bound
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -31,6 +33,19 @@ from xmc.kernels.grouped_fanin import (
     num_groups,
 )
 from xmc.nn.fixed_fanin import FixedFanInLinear, index_dtype
+
+log = logging.getLogger(__name__)
+
+# Whether the fused-loss kernel may be launched: cleared, with a warning, the first time Triton cannot build
+# it (a compiler error, or a kernel too large for the GPU's resources), so training goes on unfused.
+_FUSED_KERNEL = {"usable": True}
+try:
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    _KERNEL_BUILD_ERRORS: tuple[type[Exception], ...] = (CompilationError, OutOfResources)
+except ImportError:  # no Triton: the kernel is never launched
+    _KERNEL_BUILD_ERRORS = ()
 
 
 class FixedFanInClassifier(Classifier):
@@ -135,7 +150,8 @@ class FixedFanInClassifier(Classifier):
         label range computes the chunk's logits, loss and gradients (:mod:`xmc.kernels.fixed_fanin_loss`)."""
         layer = self.layer
         fused = (
-            isinstance(scale, float)
+            _FUSED_KERNEL["usable"]
+            and isinstance(scale, float)
             and layer.group == 1
             and h.shape[0] <= MAX_BATCH
             and use_triton("auto", h, layer.weight)
@@ -144,20 +160,30 @@ class FixedFanInClassifier(Classifier):
             return super().chunk_loss_step(h, rows, cols, kind, scale, start, stop, need_input)
         # Fixed inputs (need_input False) never read the column view: do not build it after a rewiring.
         transpose = layer.column_transpose() if need_input else (None, None)
-        total, grad_h, grad_w, grad_b = fixed_fanin_loss_triton(
-            h,
-            layer.weight,
-            layer.indices,
-            layer.bias,
-            rows,
-            cols,
-            kind,
-            scale,
-            *transpose,
-            row_start=start,
-            row_stop=stop,
-            need_x=need_input,
-        )
+        try:
+            total, grad_h, grad_w, grad_b = fixed_fanin_loss_triton(
+                h,
+                layer.weight,
+                layer.indices,
+                layer.bias,
+                rows,
+                cols,
+                kind,
+                scale,
+                *transpose,
+                row_start=start,
+                row_stop=stop,
+                need_x=need_input,
+            )
+        except _KERNEL_BUILD_ERRORS as err:  # a compiler or GPU that cannot build it: train on regardless
+            _FUSED_KERNEL["usable"] = False
+            log.warning(
+                "the fused-loss kernel could not be built here (%s: %s); the classifier falls back to the "
+                "per-chunk loss for the rest of this process (same results, slower). Please report it.",
+                type(err).__name__,
+                str(err).splitlines()[0] if str(err) else "",
+            )
+            return super().chunk_loss_step(h, rows, cols, kind, scale, start, stop, need_input)
         return total, grad_h, [grad_w] + ([grad_b] if layer.bias is not None else [])
 
     def _grouped_chunk_backward(self, h, grad_logits, start, stop, need_input):
