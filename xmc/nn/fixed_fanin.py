@@ -112,7 +112,7 @@ class FixedFanInLinear(nn.Module):
         return self.indices[rows]
 
     def column_transpose(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The CSC view of the pattern (``col_ptr`` (D+1,), ``slots`` (L*K,)) used by the input-gradient
+        """The CSC view of the id rows (``col_ptr`` (D+1,), ``slots`` (rows*K,)) used by the input-gradient
         kernel; cached until ``indices`` changes (in-place edits bump its version counter)."""
         key = (self.indices.data_ptr(), self.indices._version)
         if self._transpose is None or self._transpose[0] != key:
