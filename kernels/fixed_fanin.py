@@ -349,13 +349,22 @@ def _check_layer(
     bias: torch.Tensor | None,
     *,
     triton_path: bool,
+    group: int = 1,
 ) -> None:
-    """Shapes, dtypes and devices shared by both backends; ``triton_path`` adds the Triton dtype limits."""
+    """Shapes, dtypes and devices shared by both backends; ``triton_path`` adds the Triton dtype limits.
+    ``group`` G > 1: the grouped layer, one id row per G labels (:mod:`xmc.kernels.grouped_fanin`)."""
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (B, D), got shape {tuple(x.shape)}")
-    if weight.dim() != 2 or indices.shape != weight.shape:
+    if group < 1:
+        raise ValueError(f"group must be a positive number of labels, got {group}")
+    if group == 1 and (weight.dim() != 2 or indices.shape != weight.shape):
         raise ValueError(
             f"weight and indices must both be (L, K), got {tuple(weight.shape)} and {tuple(indices.shape)}"
+        )
+    if group > 1 and (weight.dim() != 2 or indices.shape != (-(-weight.shape[0] // group), weight.shape[1])):
+        raise ValueError(
+            f"weight must be (L, K) and indices (ceil(L / G), K) with G = {group}, got {tuple(weight.shape)} "
+            f"and {tuple(indices.shape)}"
         )
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"bias must be (L,) = ({weight.shape[0]},), got {tuple(bias.shape)}")

@@ -48,11 +48,12 @@ from xmc.kernels.fixed_fanin import (
     _BWD_X_CHUNK_BYTES,
     _BWD_X_SPLIT_SLOTS,
     _BWD_X_SPLITS,
-    INDEX_DTYPES,
     REFERENCE_CHUNK_ELEMENTS,
     TRITON_DTYPES,
     _accumulation_dtype,
     _block,
+    _check_grad_out,
+    _check_layer,
     _gather_input_gradient,
     _new_output,
     _require_triton,
@@ -90,6 +91,17 @@ def num_groups(num_labels: int, group: int) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------
+
+
+@_jit
+def _dot(a, b, acc, LOW_PRECISION: tl.constexpr):
+    """``acc + a @ b`` accumulated in fp32: with both operands in b's 16-bit dtype (a rounded to it, as
+    autocast rounds a dense layer's weight) when LOW_PRECISION, else in full fp32 (no TF32)."""
+    if LOW_PRECISION:
+        out = tl.dot(a.to(b.dtype), b, acc)
+    else:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return out
 
 
 @_jit
@@ -142,10 +154,7 @@ def _grouped_fanin_fwd_kernel(
             mask=mask_l[:, None] & mask_k[None, :],
             other=0.0,
         )  # (BLOCK_G, BLOCK_K)
-        if LOW_PRECISION:
-            acc = tl.dot(w.to(xv.dtype), xv, acc)
-        else:
-            acc = tl.dot(w.to(tl.float32), xv.to(tl.float32), acc, input_precision="ieee")
+        acc = _dot(w, xv, acc, LOW_PRECISION)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + labels, mask=mask_l, other=0.0)
@@ -197,10 +206,7 @@ def _grouped_fanin_bwd_p_kernel(
             mask=mask_k[:, None] & mask_l[None, :],
             other=0.0,
         )  # (BLOCK_K, BLOCK_G)
-        if LOW_PRECISION:
-            p = tl.dot(wt.to(g.dtype), g)
-        else:
-            p = tl.dot(wt.to(tl.float32), g.to(tl.float32), input_precision="ieee")
+        p = _dot(wt, g, tl.zeros((BLOCK_K, BLOCK_B), dtype=tl.float32), LOW_PRECISION)
         rows = pid_g * K + offs_k
         tl.store(
             p_ptr + rows[:, None] * stride_pr + offs_b[None, :] * stride_pb,
@@ -274,10 +280,7 @@ def _grouped_fanin_bwd_w_kernel(
                     mask=mask_b[:, None] & mask_k[None, :],
                     other=0.0,
                 )  # (BLOCK_B, BLOCK_K)
-                if LOW_PRECISION:
-                    acc = tl.dot(g.to(xv.dtype), xv, acc)
-                else:
-                    acc = tl.dot(g.to(tl.float32), xv.to(tl.float32), acc, input_precision="ieee")
+                acc = _dot(g, xv, acc, LOW_PRECISION)
             tl.store(
                 grad_w_ptr + labels[:, None] * stride_wl + offs_k[None, :] * stride_wk,
                 acc.to(grad_w_ptr.dtype.element_ty),
@@ -286,48 +289,8 @@ def _grouped_fanin_bwd_w_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Validation
+# Dot precision and block sizes
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _check_layer(x, weight, indices, bias, group: int, *, triton_path: bool) -> None:
-    """Shapes, dtypes and devices shared by both backends; ``triton_path`` adds the Triton dtype limits."""
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D (B, D), got shape {tuple(x.shape)}")
-    if group < 1:
-        raise ValueError(f"group must be a positive number of labels, got {group}")
-    if weight.dim() != 2 or indices.dim() != 2:
-        raise ValueError(
-            f"weight (L, K) and indices (n, K) must be 2-D, got {tuple(weight.shape)}, {tuple(indices.shape)}"
-        )
-    expected = (num_groups(weight.shape[0], group), weight.shape[1])
-    if tuple(indices.shape) != expected:
-        raise ValueError(
-            f"indices must be (ceil(L / G), K) = {expected} for weight {tuple(weight.shape)} and "
-            f"G = {group}, got {tuple(indices.shape)}"
-        )
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise ValueError(f"bias must be (L,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
-    float_dtypes = TRITON_DTYPES if triton_path else (*TRITON_DTYPES, torch.float64)
-    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype not in float_dtypes:
-            raise ValueError(f"{name} dtype {t.dtype} is not one of {float_dtypes}")
-    index_dtypes = INDEX_DTYPES if triton_path else (*INDEX_DTYPES, torch.int64)
-    if indices.dtype not in index_dtypes:
-        raise ValueError(f"indices dtype {indices.dtype} is not one of {index_dtypes}")
-    for name, t in (("weight", weight), ("indices", indices), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
-
-
-def _check_grad_out(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, float_dtypes) -> None:
-    expected = (x.shape[0], weight.shape[0])
-    if tuple(grad_out.shape) != expected:
-        raise ValueError(f"grad_out must be (B, L) = {expected}, got {tuple(grad_out.shape)}")
-    if grad_out.dtype not in float_dtypes or grad_out.device != x.device:
-        raise ValueError(
-            f"grad_out must be one of {float_dtypes} on {x.device}, got {grad_out.dtype} on {grad_out.device}"
-        )
 
 
 def _low_precision(t: torch.Tensor) -> bool:
@@ -362,7 +325,7 @@ def grouped_fanin_forward_triton(
     """Triton forward: x (B, D), weight (L, K), indices (ceil(L / G), K) int16/int32, bias (L,) or None ->
     out (B, L) in x's dtype."""
     _require_triton()
-    _check_layer(x, weight, indices, bias, group, triton_path=True)
+    _check_layer(x, weight, indices, bias, triton_path=True, group=group)
     x, weight, indices = x.contiguous(), weight.contiguous(), indices.contiguous()
     bias = bias.contiguous() if bias is not None else None
     B, (L, K) = x.shape[0], weight.shape
@@ -490,7 +453,7 @@ def grouped_fanin_backward_triton(
     weight's dtype), None for what is not needed. ``col_ptr`` / ``slots`` are
     ``column_transpose(indices, D)`` of the group ids, required only when ``need_x``."""
     _require_triton()
-    _check_layer(x, weight, indices, None, group, triton_path=True)
+    _check_layer(x, weight, indices, None, triton_path=True, group=group)
     _check_grad_out(grad_out, x, weight, TRITON_DTYPES)
     grad_out, x, weight, indices = (
         grad_out.contiguous(),
@@ -575,7 +538,7 @@ def grouped_fanin_forward_reference(
 ) -> torch.Tensor:
     """Reference forward, the Triton contract plus float64 and int64 ids, on any device: per range of
     groups, gather X_g (groups, B, K) and multiply by W_g^T (groups, K, G) in one batched product."""
-    _check_layer(x, weight, indices, bias, group, triton_path=False)
+    _check_layer(x, weight, indices, bias, triton_path=False, group=group)
     with torch.autocast(x.device.type, enabled=False):
         B, (L, K) = x.shape[0], weight.shape
         acc = _accumulation_dtype(x.dtype, weight.dtype)
@@ -608,7 +571,7 @@ def grouped_fanin_backward_reference(
     """Reference backward, the contract of ``grouped_fanin_backward_triton``: per range of groups,
     p = W_g^T @ grad_out_g^T is scattered into grad_x's columns (``index_add_``) and grad_W_g =
     grad_out_g^T @ X_g, both batched products."""
-    _check_layer(x, weight, indices, None, group, triton_path=False)
+    _check_layer(x, weight, indices, None, triton_path=False, group=group)
     _check_grad_out(grad_out, x, weight, (*TRITON_DTYPES, torch.float64))
     with torch.autocast(x.device.type, enabled=False):
         B, D = x.shape
