@@ -54,7 +54,7 @@ MAX_BATCH = 128  # a program holds the whole batch of its labels
 _BLOCK_L = 32
 
 
-@_jit(do_not_specialize=["nnz", "steps"])
+@_jit(do_not_specialize=["label0", "nnz", "steps"])
 def _fixed_fanin_loss_kernel(
     xt_ptr,
     w_ptr,
@@ -69,6 +69,7 @@ def _fixed_fanin_loss_kernel(
     B,
     n,
     K,
+    label0,
     nnz,
     steps,
     scale,
@@ -87,9 +88,10 @@ def _fixed_fanin_loss_kernel(
 ):
     """One program: labels pid * BLOCK_L .. (+ BLOCK_L) of a range of n, with the whole batch. ``w``, ``idx``,
     ``bias``, ``grad_w`` and ``grad_b`` point at the range's first label; ``gt`` is the range's (n, B)
-    gradient buffer; the positives are (label, row) pairs sorted by label, labels counted from the range."""
+    gradient buffer; the positives are all of the call's (label, row) pairs sorted by label, labels counted
+    from ``label0`` labels before the range (binary search finds the range's own: no host sync)."""
     pid = tl.program_id(0)
-    local = pid.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)  # labels counted from row0
+    local = pid.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)  # labels counted from the range's first
     mask_l = local < n
     offs_b = tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
@@ -108,8 +110,8 @@ def _fixed_fanin_loss_kernel(
 
     # The tile's positives: each label's run in the label-sorted pairs, found by binary search.
     zero = tl.zeros((BLOCK_L,), dtype=tl.int64)
-    first = _lower_bound(pos_label_ptr, zero, zero + nnz, local, steps)
-    last = _lower_bound(pos_label_ptr, first, zero + nnz, local + 1, steps)
+    first = _lower_bound(pos_label_ptr, zero, zero + nnz, local + label0, steps)
+    last = _lower_bound(pos_label_ptr, first, zero + nnz, local + label0 + 1, steps)
     count = tl.where(mask_l, last - first, 0)
     y = tl.zeros((BLOCK_L, BLOCK_B), dtype=tl.int1)
     for j in range(0, tl.max(count, axis=0)):
@@ -207,7 +209,8 @@ def fixed_fanin_loss_triton(
     weight, indices = weight.contiguous(), indices.contiguous()
     pos_labels, pos_rows = _sorted_positives(rows, cols, B)
     nnz = pos_labels.numel()
-    dummy = torch.zeros(1, dtype=torch.int64, device=device)  # stands for an empty list of positives
+    if nnz == 0:  # a pointer to one unread element stands for the empty list
+        pos_labels = pos_rows = torch.zeros(1, dtype=torch.int64, device=device)
     steps = max(1, nnz.bit_length() + 1)
     block_b = max(16, _block(B, MAX_BATCH))
     per_range = max(_BLOCK_L, _BWD_X_CHUNK_BYTES // (B * x.element_size()) // _BLOCK_L * _BLOCK_L)
@@ -221,16 +224,13 @@ def fixed_fanin_loss_triton(
         r1 = min(n, r0 + per_range)
         grid = (triton.cdiv(r1 - r0, _BLOCK_L),)
         partials[i, grid[0] :].zero_()
-        # Positives of this range: labels counted from the range's first label.
-        lo, hi = torch.searchsorted(pos_labels, torch.tensor([r0, r1], device=device)).tolist()
-        labels, pairs = (pos_labels[lo:hi] - r0, pos_rows[lo:hi]) if hi > lo else (dummy, dummy)
         _fixed_fanin_loss_kernel[grid](
             xt,
             weight[row_start + r0 :],
             indices[row_start + r0 :],
             bias[row_start + r0 :] if bias is not None else weight,  # never read without HAS_BIAS
-            labels,
-            pairs,
+            pos_labels,
+            pos_rows,
             gt,
             grad_w[r0:],
             grad_b[r0:] if bias is not None else grad_w,
@@ -238,7 +238,8 @@ def fixed_fanin_loss_triton(
             B,
             r1 - r0,
             K,
-            hi - lo,
+            r0,
+            nnz,
             steps,
             scale,
             xt.stride(0),
