@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=3, help="runs at a time (one BLAS thread each)")
     parser.add_argument("--results", type=Path, required=True)
     args = parser.parse_args()
-    variants = [parse_variant(v) for v in args.variants]
+    variants = dict(parse_variant(v) for v in args.variants)
     meta = {
         "bench": "seeds",
         "config": Path(args.config).stem,
@@ -57,8 +57,8 @@ def main() -> None:
         "device": f"{platform.machine()} CPU, {os.cpu_count()} cores, {args.jobs} runs at once, 1 thread",
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    queue = [(name, overrides, seed) for seed in args.seeds for name, overrides in variants]
-    scores: dict[str, list[float]] = {name: [] for name, _ in variants}
+    queue = [(name, overrides, seed) for seed in args.seeds for name, overrides in variants.items()]
+    scores: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as scratch:
         running: list[tuple[subprocess.Popen, str, int, list[str], float, Path]] = []
         while queue or running:
@@ -85,13 +85,13 @@ def main() -> None:
                     for k, v in metrics["test"].items()
                     if k in ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5", "RP@5")
                 }
-                row = {**meta, "variant": name, "overrides": command[5 + len(args.data) : -1], "seed": seed}
+                row = {**meta, "variant": name, "overrides": variants[name], "seed": seed}
                 row.update(test=test, dev_P1=metrics.get("dev", {}).get("P@1"))
                 row.update(classifier_bytes=metrics["classifier_bytes"], epochs=metrics["epochs"])
                 row.update(seconds=round(time.perf_counter() - started, 1), command=shlex.join(command))
                 append_row(args.results, row)
                 scores[name].append(100 * test["P@1"])
-    base = sum(scores[variants[0][0]]) / len(args.seeds)
+    base = sum(scores[next(iter(variants))]) / len(args.seeds)
     for name, values in scores.items():
         mean = sum(values) / len(values)
         runs = ", ".join(f"{v:.2f}" for v in values)
