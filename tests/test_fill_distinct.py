@@ -83,3 +83,34 @@ def test_cuda_layer_draws_the_cpu_ids():
         SET(layer, total_steps=10**6, config=SETConfig(fraction=0.25)).rewire(step=9)
     assert torch.equal(layers[0].indices, layers[1].indices.cpu())
     assert torch.equal(layers[0].weight, layers[1].weight.cpu())
+
+
+@pytest.mark.parametrize("num_columns", [64, 65, 256])
+def test_every_fan_in_from_one_to_the_width_draws(num_columns):
+    """Every K in 1..D draws distinct ids: K = D / 2 used to give up after its rejection rounds (a row in
+    about a thousand), so the layer could not be built."""
+    fan_ins = range(1, num_columns + 1)
+    if num_columns > 100:  # every K near one half and a sample of the rest
+        fan_ins = sorted({*range(1, num_columns + 1, 15), *range(126, 131), num_columns})
+    for fan_in in fan_ins:
+        ids = FixedFanInLinear(num_columns, 100, fan_in, bias=False, seed=fan_in).indices.long()
+        assert ids.shape == (100, fan_in)
+        assert int(ids.min()) >= 0 and int(ids.max()) < num_columns
+        ordered = ids.sort(dim=1).values
+        assert bool((ordered[:, 1:] != ordered[:, :-1]).all()), (num_columns, fan_in)
+
+
+def test_half_full_rows_draw_and_do_not_depend_on_their_neighbours():
+    """K = D / 2 over many rows (some outlast the rejection rounds and are ranked instead); a row's ids are
+    the same whether drawn with all rows or in a slice of them (label shards)."""
+    num_rows, num_columns = 2_000, 256
+    rows = torch.arange(num_rows, dtype=torch.int64)
+    empty = torch.zeros(num_rows, num_columns // 2, dtype=torch.int64)
+    every = torch.ones_like(empty, dtype=torch.bool)
+    whole = ids_module.fill_distinct(empty, every, rows, num_columns, (5, 1))
+    ordered = whole.sort(dim=1).values
+    assert bool((ordered[:, 1:] != ordered[:, :-1]).all())
+    for part in (slice(0, 7), slice(500, 1300), slice(1990, 2000)):
+        assert torch.equal(
+            whole[part], ids_module.fill_distinct(empty[part], every[part], rows[part], num_columns, (5, 1))
+        )

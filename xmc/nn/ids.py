@@ -52,19 +52,39 @@ def fill_distinct(
         avoid = None  # not enough columns to avoid them all
     width = 0 if avoid is None else avoid.shape[1]
     # Rejection works well while at most half the columns are blocked; denser rows take the lowest-hash
-    # free columns instead (exact, O(R x D)). On CUDA the rejection loop is one Triton kernel.
+    # free columns instead (exact, O(R x D)). On CUDA the rejection loop is one Triton kernel. Near half
+    # (e.g. K = D / 2 with every slot drawn) a row can still be pending after _MAX_ROUNDS attempts: such
+    # rows are drawn by ranking too. Which rows those are depends only on their keys and kept ids, so the
+    # result stays a pure function of them, the same on every device and in every label shard.
     rejection = 2 * (fan_in + width) <= num_columns
-    if rejection and _use_kernel(ids, fan_in, width):
-        drawn, left = fill_distinct_triton(ids, fill, rows, num_columns, key, avoid, _MAX_ROUNDS)
-        if bool((left > 0).any()):
-            raise RuntimeError("could not draw distinct ids (please report this)")
-        return drawn
-    out = ids.to(torch.int64).clone()
-    blocked = out if avoid is None else torch.cat([out, avoid.to(torch.int64)], dim=1)
     if not rejection:
-        blocked_fill = torch.zeros_like(blocked, dtype=torch.bool)
-        blocked_fill[:, :fan_in] = fill
-        return _fill_by_ranking(blocked, blocked_fill, rows, num_columns, key)[:, :fan_in]
+        return _fill_by_ranking_avoiding(ids, fill, rows, num_columns, key, avoid)
+    if _use_kernel(ids, fan_in, width):
+        drawn, left = fill_distinct_triton(ids, fill, rows, num_columns, key, avoid, _MAX_ROUNDS)
+        pending_rows = left > 0
+    else:
+        drawn, pending = _fill_by_rejection(ids, fill, rows, num_columns, key, avoid)
+        pending_rows = pending.any(dim=1)
+    if bool(pending_rows.any()):
+        late = pending_rows.nonzero().squeeze(1)
+        drawn[late] = _fill_by_ranking_avoiding(
+            ids[late], fill[late], rows[late], num_columns, key, None if avoid is None else avoid[late]
+        )
+    return drawn
+
+
+def _fill_by_rejection(
+    ids: torch.Tensor,
+    fill: torch.Tensor,
+    rows: torch.Tensor,
+    num_columns: int,
+    key: tuple[int, ...],
+    avoid: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rejection loop: (R, K) int64 ids and the (R, K) bool slots still pending after _MAX_ROUNDS."""
+    fan_in = ids.shape[1]
+    blocked = ids.to(torch.int64)
+    blocked = blocked.clone() if avoid is None else torch.cat([blocked, avoid.to(torch.int64)], dim=1)
     slots = torch.arange(fan_in, device=ids.device)
     pending = fill.clone()
     for attempt in range(_MAX_ROUNDS):
@@ -72,8 +92,26 @@ def fill_distinct(
         blocked[:, :fan_in] = torch.where(pending, drawn, blocked[:, :fan_in])
         pending = _repeated(blocked)[:, :fan_in] & fill
         if not bool(pending.any()):
-            return blocked[:, :fan_in].clone()
-    raise RuntimeError("could not draw distinct ids (please report this)")  # ~never: p < 0.5**64
+            break
+    return blocked[:, :fan_in].clone(), pending
+
+
+def _fill_by_ranking_avoiding(
+    ids: torch.Tensor,
+    fill: torch.Tensor,
+    rows: torch.Tensor,
+    num_columns: int,
+    key: tuple[int, ...],
+    avoid: torch.Tensor | None,
+) -> torch.Tensor:
+    """Ranking over the row's free columns, with ``avoid`` blocked too (callers keep K + A <= D)."""
+    fan_in = ids.shape[1]
+    blocked = ids.to(torch.int64)
+    if avoid is not None:
+        blocked = torch.cat([blocked, avoid.to(torch.int64)], dim=1)
+    blocked_fill = torch.zeros_like(blocked, dtype=torch.bool)
+    blocked_fill[:, :fan_in] = fill
+    return _fill_by_ranking(blocked, blocked_fill, rows, num_columns, key)[:, :fan_in]
 
 
 def _use_kernel(ids: torch.Tensor, fan_in: int, width: int) -> bool:
