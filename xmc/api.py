@@ -51,17 +51,34 @@ class ModelFolder:
             return FeaturesInputs(source.features)
         return build_token_inputs(source, self.tokenizer, self.config.encoder.max_length, progress)
 
+    @property
+    def num_labels(self) -> int:
+        return int(self.card["num_labels"])
+
     def topk(self, inputs: Inputs, k: int, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(scores float32 (N, k), ids int32 (N, k))`` best first over all labels."""
+        """``(scores float32 (N, w), ids int32 (N, w))`` best first over all labels, ``w = min(k, L)``: a
+        k above the label count costs what k = L costs."""
+        return self._topk(inputs, self.width(k), batch_size)
+
+    def _topk(self, inputs: Inputs, k: int, batch_size: int | None) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def width(self, k: int) -> int:
+        """The number of labels a top-``k`` holds: ``min(k, L)``; ``k`` must be a positive integer."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"k must be a positive integer, got {k!r}")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        return min(int(k), self.num_labels)
+
     def predict(self, texts: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
-        """Top ``k`` (label name, score) pairs for each raw text (label ids as names when unnamed)."""
+        """Top ``k`` (label name, score) pairs for each raw text (label ids as names when unnamed);
+        ``texts`` is a list (or other sequence) of strings, one per document."""
         if self.config.encoder.type == "features":
             raise ValueError(
                 "this model reads precomputed embeddings: compute them with `xmc embed`, then topk()"
             )
-        texts = list(texts)
+        texts = _documents(texts)
         scores, ids = self.topk(self.inputs(SplitSource(texts=lambda: texts)), k)
         return [
             [(self.label_name(int(i)), float(s)) for s, i in zip(srow, irow, strict=True) if i >= 0]
@@ -70,6 +87,22 @@ class ModelFolder:
 
     def label_name(self, label: int) -> str:
         return self.label_names[label] if self.label_names else str(label)
+
+
+def _documents(texts) -> list[str]:
+    """``texts`` as a list of strings, or a TypeError that says what was expected."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(
+            "predict() takes a list of documents, got a single string: wrap it, predict([text], k)"
+        )
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise TypeError(f"predict() takes a list of strings, got {type(texts).__name__}") from None
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"predict(): document {i} is {type(text).__name__} ({text!r}), not a string")
+    return texts
 
 
 class Predictor(ModelFolder):
@@ -90,7 +123,7 @@ class Predictor(ModelFolder):
         load_model(self.model, self.run_dir / "best.safetensors")
         self.model.to(self.device).eval()
 
-    def topk(self, inputs: Inputs, k: int, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _topk(self, inputs: Inputs, k: int, batch_size: int | None) -> tuple[np.ndarray, np.ndarray]:
         from xmc.train.evaluation import predict_rows
 
         batch_size = batch_size or self.config.train.eval_batch_size

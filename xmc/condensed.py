@@ -185,8 +185,7 @@ class CondensedPredictor(ModelFolder):
         h = self.encoder(batch).float().numpy()
         return h if self.intermediate is None else self.intermediate(h)
 
-    def topk(self, inputs: Inputs, k: int, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(scores float32 (N, k), ids int32 (N, k))`` best first over all labels."""
+    def _topk(self, inputs: Inputs, k: int, batch_size: int | None) -> tuple[np.ndarray, np.ndarray]:
         batch_size = batch_size or self.config.train.eval_batch_size
         scores = np.empty((len(inputs), k), np.float32)
         ids = np.empty((len(inputs), k), np.int32)

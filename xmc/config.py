@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -171,6 +173,51 @@ CHOICES = {
 }
 PATH_KEYS = ("data.train", "data.dev", "data.test", "data.labels", "data.exclude_test")
 
+# Allowed values of numeric keys: (lowest, highest), each None for no bound, both included; a key in
+# OPEN_ABOVE excludes its highest value. Without them a zero batch divides by zero and a negative epoch
+# count "trains" an untrained model that reports metrics.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "data.dev_fraction": (0, 1),
+    "encoder.max_length": (1, None),
+    "encoder.dropout": (0, 1),
+    "encoder.dim": (0, None),
+    "encoder.vocab_size": (1, None),
+    "encoder.min_df": (1, None),
+    "classifier.fan_in": (1, None),
+    "classifier.fan_in_group": (1, None),
+    "classifier.intermediate": (0, None),
+    "classifier.intermediate_fan_in": (0, None),
+    "classifier.set.interval": (1, None),
+    "classifier.set.end": (0, 1),
+    "classifier.set.fraction": (0, 1),
+    "classifier.set.threshold": (0, None),
+    "classifier.set.floor": (0, None),
+    "classifier.set.gamma": (0, 1),
+    "classifier.meta.clusters": (1, None),
+    "classifier.meta.lam0": (0, 1),
+    "classifier.meta.cutoff_epoch": (0, None),
+    "classifier.rps.compression": (1, None),
+    "classifier.rps.bytes": (0, None),
+    "classifier.rps.init_scale": (0, None),
+    "classifier.rps.array_std": (0, None),
+    "train.epochs": (1, None),
+    "train.max_steps": (0, None),
+    "train.batch_size": (1, None),
+    "train.grad_accum": (1, None),
+    "train.encoder_lr": (0, None),
+    "train.classifier_lr": (0, None),
+    "train.encoder_weight_decay": (0, None),
+    "train.classifier_weight_decay": (0, None),
+    "train.warmup": (0, 1),
+    "train.clip_grad_norm": (0, None),
+    "train.eval_every": (1, None),
+    "train.patience": (0, None),
+    "train.eval_batch_size": (1, None),
+    "train.save_every": (0, None),
+    "seed": (0, None),
+}
+OPEN_ABOVE = {"data.dev_fraction", "encoder.dropout"}
+
 
 def default_config_path() -> Path:
     """``configs/default.yaml`` of the source tree this package was installed from."""
@@ -186,7 +233,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     path = Path(path) if path is not None else default_config_path()
     if not path.exists():
         raise ConfigError(f"config file {path} not found")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is a folder, not a YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     _resolve_paths(raw, path.parent)
@@ -194,8 +248,21 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=3)")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}); quote it"
+            ) from None
+        _set_dotted(raw, key.strip(), parsed)
     return build(Config, raw, "")
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line from a YAML error: what is wrong and where (1-based line and column)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:
@@ -257,11 +324,45 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
     obj = cls(**values)
     for f in dataclasses.fields(cls):
         dotted = prefix + f.name
-        if dotted in CHOICES and getattr(obj, f.name) not in CHOICES[dotted]:
-            raise ConfigError(
-                f"{dotted} must be one of {', '.join(CHOICES[dotted])}, got {getattr(obj, f.name)!r}"
-            )
+        value = getattr(obj, f.name)
+        if dotted in CHOICES and value not in CHOICES[dotted]:
+            raise ConfigError(f"{dotted} must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
+        if dotted in RANGES:
+            _check_range(dotted, value)
     return obj
+
+
+def _check_range(key: str, value: float) -> None:
+    low, high = RANGES[key]
+    open_above = key in OPEN_ABOVE
+    inside = (
+        math.isfinite(value)
+        and (low is None or value >= low)
+        and (high is None or (value < high if open_above else value <= high))
+    )
+    if not inside:
+        if high is None:
+            allowed = f"at least {low}"
+        else:
+            allowed = f"in [{low}, {high}{')' if open_above else ']'}"
+        raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+
+
+_NUMBER = re.compile(r"[+-]?(\d[\d_]*\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _number(key: str, text: str, kind: type) -> Any:
+    """A number YAML 1.1 reads as a string (``3e-2``, ``1e6``: no dot in the mantissa or no sign in the
+    exponent) as the number it means; ``1e6`` is an integer for an integer key. Other text is left
+    for the type check to reject."""
+    if not _NUMBER.fullmatch(text.strip()):
+        return text
+    number = float(text.replace("_", ""))
+    if kind is int:
+        if not number.is_integer():
+            raise ConfigError(f"{key} must be int, got {text!r}")
+        return int(number)
+    return number
 
 
 def _coerce(key: str, value: Any, kind: Any) -> Any:
@@ -276,6 +377,8 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         return [_coerce(key, v, typing.get_args(kind)[0]) for v in value]
+    if kind in (int, float) and isinstance(value, str):
+        value = _number(key, value, kind)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):

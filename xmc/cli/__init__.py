@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -52,9 +52,46 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"xmc {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a folder given for a file, a read-only or full disk, ...
+        if args.verbose:
+            raise
+        print(f"xmc {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse, letting ``key=value`` overrides stand anywhere among a subcommand's options."""
+    args, rest = parser.parse_known_args(argv)
+    if rest and hasattr(args, "overrides"):
+        extra = [a for a in rest if "=" in a and not a.startswith("-")]
+        args.overrides = [*args.overrides, *extra]
+        rest = [a for a in rest if a not in extra]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an operating-system error: the path, what went wrong, and what to do."""
+    import errno
+
+    path = err.filename if err.filename is not None else ""
+    what = err.strerror or str(err)
+    fixes = {
+        errno.EISDIR: "a folder was given where a file is expected: name the file",
+        errno.ENOTDIR: "a file was given where a folder is expected: name a folder",
+        errno.EACCES: "no permission: choose a folder you can write (e.g. --run-dir) or fix its permissions",
+        errno.EPERM: "no permission: choose a folder you can write (e.g. --run-dir) or fix its permissions",
+        errno.EROFS: "the file system is read-only: choose another folder (e.g. --run-dir)",
+        errno.ENOSPC: "the disk is full: free space or choose a folder on another disk; "
+        "a run continues from its last checkpoint with --resume",
+    }
+    fix = fixes.get(err.errno)
+    text = f"{path}: {what}" if path else what
+    return f"{text} ({fix})" if fix else text
 
 
 if __name__ == "__main__":

@@ -43,9 +43,12 @@ def run(args: argparse.Namespace) -> int:
         fmt = "features" if args.input.split(",")[0].endswith(".npy") else detect_format(args.input)
     labels = args.labels or data_config.labels
     source, Y = read_source(fmt, args.input, data_config, predictor.label_names, labels)
-    scores, ids = predictor.topk(predictor.inputs(source, progress=True), args.k)
+    k = predictor.width(args.k)
+    if k < args.k:
+        print(f"--k {args.k} is more than the model's {k:,} labels: ranking all of them")
+    scores, ids = predictor.topk(predictor.inputs(source, progress=True), k)
     save_predictions(args.out, scores, ids)
-    print(f"wrote the top {args.k} labels of {len(ids):,} documents to {args.out}")
+    print(f"wrote the top {k} labels of {len(ids):,} documents to {args.out}")
     if args.names:
         with atomic_open(args.names) as handle:
             for srow, irow in zip(scores, ids, strict=True):
@@ -61,5 +64,6 @@ def run(args: argparse.Namespace) -> int:
 
         if Y.shape[1] != predictor.card["num_labels"]:
             raise UsageError(f"{args.input} has {Y.shape[1]} labels, the run {predictor.card['num_labels']}")
-        print(format_table(evaluate(Y, ids)))
+        ks = tuple(j for j in (1, 3, 5) if j <= k)  # P@5 needs five predictions a row
+        print(format_table(evaluate(Y, ids, ks=ks)))
     return 0

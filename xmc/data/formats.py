@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 
 import scipy.sparse as sp
 
 from xmc.data.bow import read_bow
 from xmc.data.errors import FormatError
+from xmc.data.sparse_text import open_input, read_or_explain
 from xmc.data.split import read_sparse_matrix, read_split
 from xmc.data.text import label_vocabulary, read_lf_json, read_text_pairs
 
@@ -37,11 +37,8 @@ def detect_format(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     if path.endswith((".json", ".json.gz")):
         return "lf-json"
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        header = handle.readline().lstrip(b"\xef\xbb\xbf").split()
+    with open_input(path) as handle:
+        header = read_or_explain(path, handle.readline).lstrip(b"\xef\xbb\xbf").split()
     if header and all(field.isdigit() for field in header) and len(header) in (2, 3):
         return "bow" if len(header) == 3 else "split"
     raise FormatError(
@@ -72,7 +69,7 @@ def load_split(
         if pair is not None:
             X, Y = read_split(*pair)
             return X, Y, fmt
-        Y = read_sparse_matrix(path)
+        Y = read_sparse_matrix(path, "label")
         Y.data[:] = 1.0
         return None, Y, fmt
     if fmt == "lf-json":

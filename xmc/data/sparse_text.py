@@ -14,6 +14,7 @@ import gzip
 import os
 import re
 import warnings
+import zlib
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,21 +24,43 @@ from xmc.data.errors import FormatError
 _INT = re.compile(rb"^[0-9]+$")
 _SIGNED_INT = re.compile(rb"^[+-]?[0-9]+$")
 _WS = (ord(" "), ord("\t"))
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_MAX_COUNT = 2**62  # a header count beyond any real dataset (and int64 arithmetic on it overflows)
 
 
 def read_lines_bytes(path: str | os.PathLike) -> bytes:
     """A file's bytes (gunzipped for ``.gz``), a UTF-8 BOM dropped and CRLF turned into LF."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    with open_input(path) as handle:
+        data = read_or_explain(path, handle.read)
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     if b"\r" in data:
         data = data.replace(b"\r\n", b"\n")
     return data
+
+
+def open_input(path: str):
+    """Open an input file for reading bytes (gunzipping ``.gz``), with one-line errors for a missing
+    file or a folder given instead of one."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise FormatError(path, None, "is a folder, not a file: name the data file itself")
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def read_or_explain(path: str, read, *args):
+    """``read(*args)`` on a file opened by :func:`open_input`, with a :class:`FormatError` for a
+    damaged or fake ``.gz`` file instead of a decoder's traceback."""
+    try:
+        return read(*args)
+    except EOFError:
+        raise FormatError(path, None, "the gzip file is truncated (an interrupted download?)") from None
+    except (gzip.BadGzipFile, zlib.error) as err:
+        raise FormatError(
+            path, None, f"not a valid gzip file ({err}); name it without .gz if it is plain text"
+        ) from None
 
 
 def split_header(path: str, data: bytes, num_fields: int, names: str) -> tuple[list[int], bytes]:
@@ -55,6 +78,8 @@ def split_header(path: str, data: bytes, num_fields: int, names: str) -> tuple[l
             raise FormatError(
                 path, 1, f"bad header {_show(header)}: {_show(field)} is not a non-negative integer"
             )
+        if int(field) > _MAX_COUNT:
+            raise FormatError(path, 1, f"bad header {_show(header)}: {_show(field)} is too large a count")
     return [int(f) for f in fields], body
 
 
@@ -79,12 +104,13 @@ def body_lines(path: str, body: bytes, num_rows: int) -> list[bytes]:
 
 
 def parse_rows(
-    path: str, lines: list[bytes], num_cols: int, num_labels: int | None
+    path: str, lines: list[bytes], num_cols: int, num_labels: int | None, kind: str = "feature"
 ) -> tuple[sp.csr_matrix, sp.csr_matrix | None]:
     """Parse rows into ``X`` (float32 CSR, shape ``(len(lines), num_cols)``) and, when
     ``num_labels`` is given (bag-of-words), ``Y`` (float32 CSR of ones, ``(len(lines), num_labels)``).
 
-    Line numbers in errors count the header as line 1.
+    Line numbers in errors count the header as line 1; ``kind`` names the ``id:value`` ids in them
+    (``label`` for a split-format label file).
     """
     if num_labels is None:
         feats = lines
@@ -101,10 +127,10 @@ def parse_rows(
                 feats.append(tail)
         labels = _fast_labels(labs, num_labels)
         if labels is None:
-            _locate_error(path, lines, num_cols, num_labels)
+            _locate_error(path, lines, num_cols, num_labels, kind)
     features = _fast_features(feats, num_cols)
     if features is None:
-        _locate_error(path, lines, num_cols, num_labels)
+        _locate_error(path, lines, num_cols, num_labels, kind)
     X = _csr(*features, shape=(len(lines), num_cols))
     Y = None
     if labels is not None:
@@ -157,7 +183,7 @@ def _fast_features(feats: list[bytes], num_cols: int) -> tuple[np.ndarray, np.nd
     ids, values = numbers[0::2], numbers[1::2]
     if len(ids) and (ids.min() < 0 or ids.max() >= num_cols or not np.array_equal(ids, np.floor(ids))):
         return None
-    if not np.isfinite(values).all():
+    if not (np.abs(values) <= _FLOAT32_MAX).all():  # NaN, infinite, or beyond float32
         return None
     indptr = np.zeros(len(feats) + 1, np.int64)
     np.cumsum(counts, out=indptr[1:])
@@ -212,14 +238,18 @@ def _sorted_unique_rows(indptr: np.ndarray, ids: np.ndarray) -> np.ndarray | Non
     return None if _has_duplicates(indptr, ids) else ids
 
 
-def _locate_error(path: str, lines: list[bytes], num_cols: int, num_labels: int | None) -> None:
+def _locate_error(
+    path: str, lines: list[bytes], num_cols: int, num_labels: int | None, kind: str = "feature"
+) -> None:
     """Check line by line and raise a :class:`FormatError` for the first bad one."""
     for row, line in enumerate(lines):
-        _check_line(path, row + 2, line, num_cols, num_labels)
+        _check_line(path, row + 2, line, num_cols, num_labels, kind)
     raise FormatError(path, None, "malformed content that no single line explains (please report this)")
 
 
-def _check_line(path: str, line_no: int, line: bytes, num_cols: int, num_labels: int | None) -> None:
+def _check_line(
+    path: str, line_no: int, line: bytes, num_cols: int, num_labels: int | None, kind: str = "feature"
+) -> None:
     tail = line
     if num_labels is not None:
         head, _, rest = line.partition(b" ")
@@ -237,7 +267,7 @@ def _check_line(path: str, line_no: int, line: bytes, num_cols: int, num_labels:
         if token.count(b":") != 1:
             raise FormatError(path, line_no, f"token {_show(token)} is not of the form 'id:value'")
         id_text, _, value_text = token.partition(b":")
-        feature = _parse_id(path, line_no, id_text, "feature", num_cols)
+        feature = _parse_id(path, line_no, id_text, kind, num_cols)
         try:
             value = float(value_text)
         except ValueError:
@@ -246,8 +276,14 @@ def _check_line(path: str, line_no: int, line: bytes, num_cols: int, num_labels:
             ) from None
         if not np.isfinite(value):
             raise FormatError(path, line_no, f"non-finite value {_show(value_text)} in token {_show(token)}")
+        if abs(value) > _FLOAT32_MAX:
+            raise FormatError(
+                path,
+                line_no,
+                f"value {_show(value_text)} in token {_show(token)} overflows float32 (largest 3.4e38)",
+            )
         if feature in seen:
-            raise FormatError(path, line_no, f"duplicate feature id {feature}")
+            raise FormatError(path, line_no, f"duplicate {kind} id {feature}")
         seen.add(feature)
 
 

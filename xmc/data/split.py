@@ -17,11 +17,12 @@ from xmc.data.sparse_text import body_lines, format_rows, parse_rows, read_lines
 _WRITE_CHUNK_ROWS = 50_000
 
 
-def read_sparse_matrix(path: str | os.PathLike) -> sp.csr_matrix:
-    """Read one split-format file into float32 CSR ``(rows, cols)`` (int32 ids, sorted per row)."""
+def read_sparse_matrix(path: str | os.PathLike, kind: str = "feature") -> sp.csr_matrix:
+    """Read one split-format file into float32 CSR ``(rows, cols)`` (int32 ids, sorted per row);
+    ``kind`` names its column ids in errors (``label`` for a ``*_X_Y.txt`` file)."""
     path = os.fspath(path)
     (num_rows, num_cols), body = split_header(path, read_lines_bytes(path), 2, "rows cols")
-    X, _ = parse_rows(path, body_lines(path, body, num_rows), num_cols, None)
+    X, _ = parse_rows(path, body_lines(path, body, num_rows), num_cols, None, kind)
     return X
 
 
@@ -45,7 +46,7 @@ def read_split(
     ``Y``'s stored values are replaced by ones (the repository sometimes stores relevance there).
     """
     X = read_sparse_matrix(features_path)
-    Y = read_sparse_matrix(labels_path)
+    Y = read_sparse_matrix(labels_path, "label")
     if X.shape[0] != Y.shape[0]:
         raise FormatError(
             labels_path,

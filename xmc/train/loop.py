@@ -18,6 +18,8 @@ import logging
 import math
 import os
 import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +57,10 @@ class Position:
     evals_since_best: int = 0
     skipped: int = 0
     history: list = field(default_factory=list)
+    epoch_loss: float = 0.0  # sum of the current epoch's step losses so far (its mean goes to history)
+    epoch_steps: int = 0  # steps applied in the current epoch so far
+    examples: int = 0  # documents seen, over every session of the run (resumes included)
+    train_seconds: float = 0.0  # time in the training loop, over every session of the run
 
 
 def autocast(device: torch.device, precision: str):
@@ -204,16 +210,35 @@ def train(
 
     params = [p for g in model.parameter_groups() for p in g]
     interrupted = False
-
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
+    # Between the first optimizer update of a step and the end of its bookkeeping (and from an epoch's
+    # end to its checkpoint), weights, optimizer state and position disagree: a checkpoint taken then
+    # would resume from a state no uninterrupted run passes through. An interrupt there saves nothing;
+    # the last checkpoint stays, and resuming from it is exact.
+    midway = False
+    stop = StopRequest(defer=not par.active)  # Ctrl-C / SIGTERM: finish the step, then stop
     writer = _tensorboard(run_dir) if par.is_main else None
+    interactive = progress and par.is_main and _terminal()
+    logged = _EpochLog(micro_per_epoch) if progress and par.is_main and not interactive else None
     bad_in_a_row = 0
     window_rng = None
-    examples, started = 0, time.perf_counter()
+    examples, started, seconds_before = pos.examples, time.perf_counter(), pos.train_seconds
+    # The epoch's running loss sum, on the device (no host sync per step); a resumed epoch goes on from
+    # its saved sum.
+    epoch_loss = torch.tensor(pos.epoch_loss, dtype=torch.float32, device=device)
+    saved = None  # (epoch, micro, step) of the last checkpoint this session wrote
+
+    def save(rng=None, wait: bool = True) -> None:
+        """Bring the position's totals up to now and checkpoint, unless nothing moved since the last."""
+        nonlocal saved
+        if (pos.epoch, pos.micro, pos.step) == saved:
+            return
+        pos.epoch_loss = float(epoch_loss)
+        pos.examples, pos.train_seconds = examples, seconds_before + time.perf_counter() - started
+        checkpoint(rng, wait)
+        saved = (pos.epoch, pos.micro, pos.step)
+
     try:
+        stop.install()
         while pos.epoch < t.epochs and not (t.max_steps and pos.step >= t.max_steps):
             order = np.random.default_rng([config.seed, pos.epoch]).permutation(n)
             bar = tqdm(
@@ -221,13 +246,14 @@ def train(
                 initial=pos.micro,
                 desc=f"epoch {pos.epoch + 1}/{t.epochs}",
                 unit="batch",
-                disable=not (progress and par.is_main),
+                disable=not interactive,
                 leave=False,
                 dynamic_ncols=True,
             )
             model.train()
-            epoch_loss, epoch_steps = torch.zeros((), device=device), 0
             while pos.micro < micro_per_epoch and not (t.max_steps and pos.step >= t.max_steps):
+                if stop.requested:
+                    raise KeyboardInterrupt  # at a step boundary: the checkpoint below is exact
                 window = range(pos.micro, min(pos.micro + t.grad_accum, micro_per_epoch))
                 window_rng = rng_states()  # a window cut short is redone from this random state
                 par.seed_window(config.seed, pos.step)  # several ranks: dropout keyed by (step, rank)
@@ -258,6 +284,7 @@ def train(
                 norm = par.clip_grad_norm_(model, params, t.clip_grad_norm or float("inf"))
                 loss_sum = par.reduce_loss(loss_sum)
                 finite = bool(torch.isfinite(norm) & torch.isfinite(loss_sum))  # the step's one host sync
+                midway = True
                 if finite:
                     for o in optimizers:
                         scaler.step(o)
@@ -265,21 +292,28 @@ def train(
                         s.step()
                     pos.step, pos.micro, bad_in_a_row = pos.step + 1, window.stop, 0
                     epoch_loss += loss_sum
-                    epoch_steps += 1
+                    pos.epoch_steps += 1
                     rewiring.step()
                 else:
                     pos.skipped, pos.micro, bad_in_a_row = pos.skipped + 1, window.stop, bad_in_a_row + 1
-                window_rng = None  # the window is done: the current random state is the one to resume with
                 scaler.update()  # lowers the fp16 scale after an overflow
+                window_rng = None  # the window is done: the current random state is the one to resume with
+                midway = False
                 for o in optimizers:
                     o.zero_grad(set_to_none=True)
                 bar.update(len(window))
                 if bad_in_a_row >= (MAX_BAD_STEPS_FP16 if precision == "fp16" else MAX_BAD_STEPS):
+                    last = latest_checkpoint(run_dir)
+                    kept = (
+                        f"the last good checkpoint ({last.name}) in {run_dir} is intact "
+                        "(resume with --resume)"
+                        if last is not None
+                        else "no checkpoint had been written yet: start again"
+                    )
                     raise TrainingError(
                         f"the loss or gradient was not finite for {bad_in_a_row} optimizer steps in a row "
                         f"(last at step {pos.step}): lower train.classifier_lr / train.encoder_lr, keep "
-                        "train.clip_grad_norm on, or use train.precision=no; the last good checkpoint in "
-                        f"{run_dir} is intact (resume with --resume)"
+                        f"train.clip_grad_norm on, or use train.precision=no; {kept}"
                     )
                 if finite and pos.step % 20 == 0:
                     value = float(loss_sum)
@@ -288,10 +322,15 @@ def train(
                     if writer is not None:
                         writer.add_scalar("train/loss", value, pos.step)
                         writer.add_scalar("train/lr_classifier", schedulers[-1].get_last_lr()[0], pos.step)
+                if logged is not None:
+                    logged.maybe(
+                        pos, t.epochs, epoch_loss, examples / max(time.perf_counter() - started, 1e-9)
+                    )
                 if t.save_every and finite and pos.step % t.save_every == 0:
-                    checkpoint()
+                    save()
             bar.close()
-            stop = False
+            early_stop = False
+            midway = True
             if pos.micro >= micro_per_epoch:
                 pos.epoch, pos.micro = pos.epoch + 1, 0
                 # One host sync per epoch for the logged loss (mean over the epoch's applied steps).
@@ -299,15 +338,24 @@ def train(
                     {
                         "epoch": pos.epoch,
                         "step": pos.step,
-                        "train_loss": float(epoch_loss) / max(epoch_steps, 1),
+                        "train_loss": float(epoch_loss) / max(pos.epoch_steps, 1),
                     }
                 )
+                epoch_loss, pos.epoch_steps = torch.zeros_like(epoch_loss), 0
+                log.info(
+                    "epoch %d/%d: step %d, train loss %.4g",
+                    pos.epoch,
+                    t.epochs,
+                    pos.step,
+                    pos.history[-1]["train_loss"],
+                )
                 if "dev" in data.splits and (pos.epoch % t.eval_every == 0 or pos.epoch == t.epochs):
-                    stop = _evaluate(
+                    early_stop = _evaluate(
                         config, model, data, inputs, device, precision, pos, run_dir, writer, par
                     )
-            checkpoint()
-            if stop:
+            save()
+            midway = False
+            if early_stop:
                 log.info("stopping early: dev P@1 has not improved for %d evaluations", t.patience)
                 break
     except KeyboardInterrupt:
@@ -317,24 +365,32 @@ def train(
                 "interrupted: continue from the last checkpoint with: xmc train --resume --run-dir %s",
                 run_dir,
             )
+        elif midway:
+            last = latest_checkpoint(run_dir)
+            log.warning(
+                "interrupted in the middle of an optimizer step: nothing saved; %s",
+                f"continue from {last.name} with: xmc train --resume --run-dir {run_dir}"
+                if last is not None
+                else "no checkpoint had been written yet",
+            )
         else:
             # At the last completed optimizer step; a half-done window is redone with the same dropout.
-            checkpoint(window_rng, wait=False)
+            save(window_rng, wait=False)
             log.warning(
                 "interrupted: checkpoint saved in %s; continue with: xmc train --resume --run-dir %s",
                 run_dir,
                 run_dir,
             )
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        stop.restore()
         if writer is not None:
             writer.close()
     if interrupted:
         raise KeyboardInterrupt
     if "dev" not in data.splits or not (run_dir / "best.safetensors").exists():
         par.save_model(model, run_dir / "best.safetensors")  # without validation the final model is the best
-    pos.history.append({"train_seconds": time.perf_counter() - started, "examples": examples})
+    pos.examples, pos.train_seconds = examples, seconds_before + time.perf_counter() - started
+    pos.history.append({"train_seconds": pos.train_seconds, "examples": pos.examples})
     return pos
 
 
@@ -382,7 +438,66 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _main_thread() -> bool:
-    import threading
+class StopRequest:
+    """Ctrl-C (SIGINT) and SIGTERM while training.
 
-    return threading.current_thread() is threading.main_thread() and os.name == "posix"
+    In a single process the first signal only sets :attr:`requested`: the loop finishes the optimizer
+    step in progress and stops at the next step boundary, where its checkpoint is exact. A second
+    signal raises KeyboardInterrupt at once. Several processes (``defer=False``) raise at once, as their
+    ranks could otherwise stop at different steps and wait for each other forever.
+    """
+
+    def __init__(self, defer: bool = True) -> None:
+        self.defer = defer
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread() or os.name != "posix":
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested or not self.defer:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stopping after the current optimizer step (interrupt again to stop at once)")
+
+
+class _EpochLog:
+    """When stderr is not a terminal (a log file, a batch job), a few plain log lines per epoch in
+    place of a progress bar, which would write every refresh into the log."""
+
+    LINES_PER_EPOCH = 4
+
+    def __init__(self, micro_per_epoch: int) -> None:
+        self.every = max(1, micro_per_epoch // self.LINES_PER_EPOCH)
+        self.micro_per_epoch = micro_per_epoch
+        self.last = -1
+
+    def maybe(self, pos: Position, epochs: int, epoch_loss: torch.Tensor, rate: float) -> None:
+        mark = pos.micro // self.every
+        if mark == self.last or pos.micro >= self.micro_per_epoch or pos.micro < self.every:
+            return
+        self.last = mark
+        log.info(
+            "epoch %d/%d: %d/%d batches, step %d, mean loss %.4g, %.0f examples/s",
+            pos.epoch + 1,
+            epochs,
+            pos.micro,
+            self.micro_per_epoch,
+            pos.step,
+            float(epoch_loss) / max(pos.epoch_steps, 1),  # a host sync, a few times an epoch
+            rate,
+        )
+
+
+def _terminal() -> bool:
+    """Whether progress bars go to a terminal (not to a file or pipe)."""
+    return sys.stderr is not None and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()

@@ -7,9 +7,11 @@ model without the training data), checkpoints, ``best.safetensors``, ``predictio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ from xmc.metrics import PROPENSITY_PRESETS, evaluate, format_table, inv_propensi
 from xmc.predictions import save_predictions
 from xmc.train.data import load_data
 from xmc.train.evaluation import evaluate_split, most_frequent_topk, predict_split
+from xmc.train.lock import RunLock
 from xmc.train.loop import train
 from xmc.train.model import XMCModel, build_classifier
 from xmc.train.parallel import Parallel
@@ -179,11 +182,28 @@ def run_training(
     stem = Path(config_name).stem if config_name else "default"
     run = Path(run_dir) if run_dir else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{stem}"
     run = Path(distributed.broadcast_object(place, str(run)))  # rank 0's clock names the run
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"--run-dir {run} is a file: name a folder for the run")
     if resume and not (run / "config.yaml").exists():
         raise FileNotFoundError(f"{run}: no run to resume here (config.yaml missing)")
     if not resume and (run / "latest").exists():
         raise ValueError(f"{run} already holds a run: continue it with --resume, or choose another --run-dir")
+    created = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run) if place.is_main else contextlib.nullcontext()
+    try:
+        with lock:
+            return _run(config, run, place, par, device, resume, progress, step_hook, owns_group)
+    except BaseException:
+        # A run that stopped before its first checkpoint leaves nothing to resume: remove what it made.
+        if created and place.is_main and not (run / "latest").exists():
+            shutil.rmtree(run, ignore_errors=True)
+        raise
+
+
+def _run(config: Config, run: Path, place, par, device, resume, progress, step_hook, owns_group) -> dict:
+    from xmc import distributed
+
     precision = resolve_precision(config.train.precision, device)
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("train.precision=bf16 but this GPU has no bf16: use fp16 or no")
@@ -227,7 +247,6 @@ def run_training(
         meta_weight_fn = lambda progress_epochs: meta_weight(progress_epochs, m.lam0, m.cutoff_epoch)  # noqa: E731
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    train_started = time.perf_counter()
     position = train(
         config,
         model,
@@ -242,7 +261,7 @@ def run_training(
         step_hook=step_hook,
         parallel=par,
     )
-    train_seconds = time.perf_counter() - train_started
+    train_seconds = position.train_seconds  # over every session of the run, resumes included
     par.load_model(model, run / "best.safetensors")
 
     Y_train = data.splits["train"].Y
@@ -262,7 +281,7 @@ def run_training(
         results["test"] = evaluate(test.Y, ids, inv_prop=inv_prop, exclude=test.exclude)
         baseline = most_frequent_topk(Y_train, len(test.rows), 5 + _exclude_width(test))
         results["baseline_most_frequent"] = evaluate(test.Y, baseline, exclude=test.exclude)
-    examples = sum(h.get("examples", 0) for h in position.history)
+    examples = position.examples
     results.update(
         peak_memory_bytes=_peak_memory(device),
         train_seconds=train_seconds,
