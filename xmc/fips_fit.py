@@ -38,6 +38,7 @@ from xmc.fips import (
     rank_for_budget,
     svd_factors,
 )
+from xmc.progress import bars
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,8 @@ def cache_activations(
     model.eval()
     device = next(model.parameters()).device
     try:
-        for start in tqdm(range(0, len(ids), batch_size), desc="caching", unit="batch", disable=not progress):
+        shown = bars(progress)
+        for start in tqdm(range(0, len(ids), batch_size), desc="caching", unit="batch", disable=not shown):
             batch = tokenizer.pad({"input_ids": ids[start : start + batch_size]}, return_tensors="pt")
             rows = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)  # (B, T) tokens kept
             for i, doc in enumerate(range(start, min(start + batch_size, len(ids)))):
@@ -171,7 +173,7 @@ def _fit_group(
     scales = [float(t.pow(2).mean()) for t in y]  # each block's loss relative to its output's energy
     end = max(1, round(PRUNE_END * steps))
     events = set(np.linspace(0, end, PRUNE_EVENTS + 1).round().astype(int).tolist())
-    bar = tqdm(range(steps), desc="fitting", unit="step", disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc="fitting", unit="step", disable=not bars(progress), leave=False)
     for step in bar:
         if step in events:
             target = sparsity * (1 - (1 - min(step / end, 1.0)) ** 3)

@@ -18,11 +18,12 @@ score are packed and merged; once a row holds k labels, most of a chunk costs on
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 import numpy as np
 from tqdm import tqdm
+
+from xmc.progress import bars
 
 _INT32_MIN = np.iinfo(np.int32).min
 # Order keys below every real float: the key of -inf is _INT32_MIN + 0x7FFFFF, NaN ranks below it.
@@ -192,7 +193,7 @@ def topk_chunked(
     row_chunk, label_chunk = chunk_shape(num_rows, num_labels, max_elements)
     accumulator = TopKAccumulator(num_rows, k)
     tiles = -(-num_rows // row_chunk) * -(-num_labels // label_chunk)
-    show = progress and sys.stderr.isatty()
+    show = bars(progress)
     with tqdm(total=tiles, desc="top-k", unit="tile", disable=not show, leave=False) as bar:
         for label_start in range(0, num_labels, label_chunk):
             label_stop = min(label_start + label_chunk, num_labels)

@@ -28,7 +28,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from tqdm import tqdm
 from xmc import __version__
 from xmc.data.atomic import atomic_open
 from xmc.data.bow import BowWriter
+from xmc.progress import bars
 
 SYNTH_FORMATS = ("bow", "lf-json", "both")
 
@@ -326,7 +326,7 @@ def synthesize(
         _write_label_file(os.path.join(out, "lbl.json.gz"), options)
         result.files.append("lbl.json.gz")
     total = options.num_train + options.num_test
-    with tqdm(total=total, unit="doc", desc="synth", disable=not progress or not sys.stderr.isatty()) as bar:
+    with tqdm(total=total, unit="doc", desc="synth", disable=not bars(progress)) as bar:
         offset = 0
         for split_id, (split, bow_name, lf_name, prefix) in enumerate(_SPLITS):
             num_docs = options.num_train if split == "train" else options.num_test

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from xmc.cache import cache_dir, file_checksum, key_of
 from xmc.data.atomic import atomic_open
+from xmc.progress import bars
 
 if TYPE_CHECKING:
     import datasets
@@ -93,7 +94,7 @@ def _write_arrow(path, texts: Sequence[str], tokenizer, max_length: int, progres
     from tqdm.auto import tqdm
 
     schema = pa.schema([pa.field("input_ids", pa.list_(pa.int32()))])
-    bar = tqdm(total=len(texts), desc="tokenizing", unit="doc", disable=not progress, leave=False)
+    bar = tqdm(total=len(texts), desc="tokenizing", unit="doc", disable=not bars(progress), leave=False)
     with atomic_open(path) as handle, pa.ipc.new_stream(handle, schema) as writer:
         for start in range(0, len(texts), _BATCH_DOCS):
             batch = list(texts[start : start + _BATCH_DOCS])

@@ -17,6 +17,7 @@ from xmc.encoders.transformer import (
     load_tokenizer,
     resolve_model_path,
 )
+from xmc.progress import bars
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,8 @@ def encode_all(
     was_training = encoder.training
     encoder.eval()
     try:
-        for start in tqdm(range(0, n, batch_size), desc="embedding", unit="batch", disable=not progress):
+        shown = bars(progress)
+        for start in tqdm(range(0, n, batch_size), desc="embedding", unit="batch", disable=not shown):
             rows = order[start : start + batch_size]
             batch = {k: v.to(device, non_blocking=True) for k, v in inputs.batch(rows).items()}
             out[rows] = encoder(batch).float().cpu().numpy().astype(dtype, copy=False)

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from xmc.config import Config
 from xmc.losses import Positives
 from xmc.optim import LowPrecisionAdamW
+from xmc.progress import bars
 from xmc.train.checkpoint import latest_checkpoint
 from xmc.train.evaluation import evaluate_split
 from xmc.train.parallel import Parallel
@@ -217,7 +217,7 @@ def train(
     midway = False
     stop = StopRequest(defer=not par.active)  # Ctrl-C / SIGTERM: finish the step, then stop
     writer = _tensorboard(run_dir) if par.is_main else None
-    interactive = progress and par.is_main and _terminal()
+    interactive = par.is_main and bars(progress)
     logged = _EpochLog(micro_per_epoch) if progress and par.is_main and not interactive else None
     bad_in_a_row = 0
     window_rng = None
@@ -496,8 +496,3 @@ class _EpochLog:
             float(epoch_loss) / max(pos.epoch_steps, 1),  # a host sync, a few times an epoch
             rate,
         )
-
-
-def _terminal() -> bool:
-    """Whether progress bars go to a terminal (not to a file or pipe)."""
-    return sys.stderr is not None and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()

@@ -190,15 +190,15 @@ def run_training(
         raise ValueError(f"{run} already holds a run: continue it with --resume, or choose another --run-dir")
     created = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run) if place.is_main else contextlib.nullcontext()
-    try:
-        with lock:
+    # One run per folder; a second is refused here, before it touches anything.
+    with RunLock(run) if place.is_main else contextlib.nullcontext():
+        try:
             return _run(config, run, place, par, device, resume, progress, step_hook, owns_group)
-    except BaseException:
-        # A run that stopped before its first checkpoint leaves nothing to resume: remove what it made.
-        if created and place.is_main and not (run / "latest").exists():
-            shutil.rmtree(run, ignore_errors=True)
-        raise
+        except BaseException:
+            # A run that stopped before its first checkpoint leaves nothing to resume: remove what it made.
+            if created and place.is_main and not (run / "latest").exists():
+                shutil.rmtree(run, ignore_errors=True)
+            raise
 
 
 def _run(config: Config, run: Path, place, par, device, resume, progress, step_hook, owns_group) -> dict:
