@@ -222,10 +222,18 @@ def train(
     bad_in_a_row = 0
     window_rng = None
     examples, started, seconds_before = pos.examples, time.perf_counter(), pos.train_seconds
+    examples_before = examples
     # The epoch's running loss sum, on the device (no host sync per step); a resumed epoch goes on from
     # its saved sum.
     epoch_loss = torch.tensor(pos.epoch_loss, dtype=torch.float32, device=device)
     saved = None  # (epoch, micro, step) of the last checkpoint this session wrote
+
+    def totals() -> None:
+        """The position's documents and training time over every session, this one up to now (a session
+        that trained nothing, e.g. --resume of a finished run, adds no time)."""
+        pos.examples = examples
+        if examples > examples_before:
+            pos.train_seconds = seconds_before + time.perf_counter() - started
 
     def save(rng=None, wait: bool = True) -> None:
         """Bring the position's totals up to now and checkpoint, unless nothing moved since the last."""
@@ -233,7 +241,7 @@ def train(
         if (pos.epoch, pos.micro, pos.step) == saved:
             return
         pos.epoch_loss = float(epoch_loss)
-        pos.examples, pos.train_seconds = examples, seconds_before + time.perf_counter() - started
+        totals()
         checkpoint(rng, wait)
         saved = (pos.epoch, pos.micro, pos.step)
 
@@ -389,7 +397,8 @@ def train(
         raise KeyboardInterrupt
     if "dev" not in data.splits or not (run_dir / "best.safetensors").exists():
         par.save_model(model, run_dir / "best.safetensors")  # without validation the final model is the best
-    pos.examples, pos.train_seconds = examples, seconds_before + time.perf_counter() - started
+    if saved != (pos.epoch, pos.micro, pos.step):  # else the totals are those of the last checkpoint
+        totals()
     pos.history.append({"train_seconds": pos.train_seconds, "examples": pos.examples})
     return pos
 
