@@ -116,7 +116,7 @@ class TrainConfig:
     loss: str = "squared_hinge"  # squared_hinge or bce
     encoder_lr: float = 1e-3  # transformers want 1e-5..5e-5; the bow encoder learns faster
     # The same at any label count L (docs/training.md): AdamW's update ignores the gradient's scale, and SGD's
-    # is per label (scaled by L inside the optimizer, so the LF configs' 0.08 is SPARTEX's per-logit value)
+    # is per label (scaled by L inside the optimizer, as if the loss summed over labels)
     classifier_lr: float = 1e-2
     classifier_optimizer: str = "adamw"  # adamw or sgd (momentum 0.9)
     # fp32, or bf16: the classifier's weights and AdamW moments in bf16 with stochastic rounding and no fp32
