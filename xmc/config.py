@@ -117,6 +117,8 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (effective batch = batch_size * grad_accum)
     loss: str = "squared_hinge"  # squared_hinge or bce
     encoder_lr: float = 1e-3  # transformers want 1e-5..5e-5; the bow encoder learns faster
+    # The same at any label count L (docs/training.md): AdamW's update ignores the gradient's scale, and SGD's
+    # is per label (scaled by L inside the optimizer, as if the loss summed over labels)
     classifier_lr: float = 1e-2
     classifier_optimizer: str = "adamw"  # adamw or sgd (momentum 0.9)
     # fp32, or bf16: the classifier's weights and AdamW moments in bf16 with stochastic rounding and no fp32
@@ -128,7 +130,7 @@ class TrainConfig:
     encoder_weight_decay: float = 0.01
     classifier_weight_decay: float = 1e-4
     warmup: float = 0.05  # warmup as a fraction of the total steps, then cosine decay
-    clip_grad_norm: float = 1.0  # 0 disables clipping
+    clip_grad_norm: float = 1.0  # on the gradient of the mean over B x L pairs, a spike guard; 0 disables it
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32), no, bf16 or fp16
     eval_every: int = 1  # epochs between dev evaluations
     patience: int = 0  # stop after this many evaluations without dev P@1 improving (0 = never)

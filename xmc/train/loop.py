@@ -81,8 +81,16 @@ def _schedule(warmup: float, total: int):
     return factor
 
 
-def build_optimizers(config: Config, model) -> list[torch.optim.Optimizer]:
+def build_optimizers(config: Config, model, num_labels: int | None = None) -> list[torch.optim.Optimizer]:
     """AdamW for the encoder side; AdamW or SGD (momentum 0.9) for the classifier side.
+
+    ``num_labels``: L of the whole layer (default: the model's classifier's; a label shard passes the whole
+    layer's). The loss is a mean over all B x L pairs (:mod:`xmc.losses`), so a logit's gradient is
+    1 / L of what it is under a sum over labels. AdamW does not see that (its update is divided by the
+    gradient's own scale); SGD would take steps L times too small, so its classifier learning rate is per
+    label: its parameter group runs at ``lr * L`` with weight decay ``wd / L`` (``lr_scale`` = L; the
+    meta head's at ``lr * K`` over its K clusters), which is plain SGD on the loss summed over labels and
+    averaged over documents: the same step, and the same decay ``lr * wd`` per step, at any L.
 
     The fused implementations (CPU and CUDA) update each tensor in one pass without temporaries: the
     for-each / per-tensor paths allocate a copy of the parameters they update (``sqrt`` of the second
@@ -117,7 +125,7 @@ def build_optimizers(config: Config, model) -> list[torch.optim.Optimizer]:
     elif t.classifier_optimizer == "sgd":
         optimizers.append(
             torch.optim.SGD(
-                classifier_params,
+                _per_label_groups(model, t.classifier_lr, t.classifier_weight_decay, num_labels),
                 lr=t.classifier_lr,
                 momentum=0.9,
                 weight_decay=t.classifier_weight_decay,
@@ -134,6 +142,19 @@ def build_optimizers(config: Config, model) -> list[torch.optim.Optimizer]:
             )
         )
     return optimizers
+
+
+def _per_label_groups(model, lr: float, weight_decay: float, num_labels: int | None) -> list[dict]:
+    """SGD parameter groups of the classifier side whose learning rate is per label (see
+    :func:`build_optimizers`): the classifier's scaled by L, the meta head's by its cluster count."""
+    scaled = [(list(model.classifier.parameters()), num_labels or model.classifier.num_labels)]
+    if getattr(model, "meta", None) is not None:
+        scaled.append((list(model.meta.parameters()), model.meta.num_clusters))
+    return [
+        {"params": params, "lr": lr * n, "weight_decay": weight_decay / n, "lr_scale": n}
+        for params, n in scaled
+        if params
+    ]
 
 
 def _fusable(params) -> bool | None:
@@ -170,7 +191,7 @@ def train(
     total_steps = steps_per_epoch * t.epochs
     if t.max_steps:
         total_steps = min(total_steps, t.max_steps)
-    optimizers = build_optimizers(config, model)
+    optimizers = build_optimizers(config, model, train_split.Y.shape[1])
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _schedule(t.warmup, total_steps)) for o in optimizers]
     scaler = par.grad_scaler(device.type, enabled=precision == "fp16")
     rewiring = Rewiring(config, model, total_steps, optimizers)
@@ -329,7 +350,10 @@ def train(
                     bar.set_postfix(loss=f"{value:.4g}", ex_s=f"{rate:.0f}", mem=_memory(device))
                     if writer is not None:
                         writer.add_scalar("train/loss", value, pos.step)
-                        writer.add_scalar("train/lr_classifier", schedulers[-1].get_last_lr()[0], pos.step)
+                        group = optimizers[-1].param_groups[0]  # its lr as configured (per label for SGD)
+                        writer.add_scalar(
+                            "train/lr_classifier", group["lr"] / group.get("lr_scale", 1), pos.step
+                        )
                 if logged is not None:
                     logged.maybe(
                         pos, t.epochs, epoch_loss, examples / max(time.perf_counter() - started, 1e-9)
