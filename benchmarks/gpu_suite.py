@@ -321,9 +321,9 @@ STAGES = [
     Stage("kernel_tests", "Kernel tests (-m gpu)", 240, 60, kernel_test_commands, kernel_test_figures),
     Stage("kernel_bench", "Kernels vs dense", 180, 60, kernel_bench_commands, kernel_bench_figures),
     Stage("train_step", "Training steps, Amazon-3M", 180, 60, train_step_commands, train_step_figures),
-    Stage("million_labels", "1M-label synthetic run", 240, 90, million_commands, million_figures),
+    Stage("million_labels", "1M-label synthetic run", 240, 120, million_commands, million_figures),
     Stage(
-        "minilm_eurlex", "MiniLM-L6 on EURLEX57K", 300, 90, minilm_commands, minilm_figures, True, staged_here
+        "minilm_eurlex", "MiniLM-L6, EURLEX57K", 300, 110, minilm_commands, minilm_figures, True, staged_here
     ),
 ]
 
