@@ -33,28 +33,39 @@ one SET rewiring (prune 25% of every row, regrow at random, reset Adam moments) 
 without and with the rebuild of the column transpose the input-gradient kernel needs.
 
 Rows (device, versions, git revision, date, medians with 20th / 80th percentiles from
-``triton.testing.do_bench``) go to ``benchmarks/results/fixed_fanin.jsonl``.
+``triton.testing.do_bench``) go to ``benchmarks/results/fixed_fanin.jsonl``. ``--device cpu`` smoke-tests
+the script at small shapes (kernels in the Triton interpreter under ``TRITON_INTERPRET=1``, wall-clock
+timings, no peak memory); its figures mean nothing.
 
     python benchmarks/bench_fixed_fanin.py [--labels 670091 2812281] [--fan-in 32 64 128] [--batch 128]
-        [--group 16]
+        [--group 16] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import gc
 import itertools
-import platform
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import append_row, git_revision
+from common import (
+    GIB,
+    allocated,
+    append_row,
+    copy_bandwidth,
+    environment,
+    free,
+    matmul_rate,
+    peak_allocated,
+    pick_device,
+    reset_peak,
+    synchronize,
+    timed,
+)
 
 RESULTS = Path(__file__).parent / "results" / "fixed_fanin.jsonl"
-GIB = 2**30
 
 
 def _size(dtype: torch.dtype) -> int:
@@ -63,36 +74,6 @@ def _size(dtype: torch.dtype) -> int:
 
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def timed(fn) -> dict:
-    """Median and 20th / 80th percentile in ms, CUDA events (do_bench), after warm-up."""
-    import triton.testing
-
-    median, p20, p80 = triton.testing.do_bench(fn, warmup=50, rep=300, quantiles=[0.5, 0.2, 0.8])
-    return {"ms": median, "p20_ms": p20, "p80_ms": p80}
-
-
-def copy_bandwidth(device) -> float:
-    """Bytes per second of a 1 GiB device-to-device copy, counting bytes read plus bytes written."""
-    src = torch.randn(GIB // 4, device=device)
-    dst = torch.empty_like(src)
-    ms = timed(lambda: dst.copy_(src))["ms"]
-    return 2 * GIB / (ms * 1e-3)
-
-
-def matmul_rate(device, dtype=torch.bfloat16) -> float:
-    """FLOP/s of an 8192^3 product (random data): bf16 on tensor cores, or fp32 with TF32 off (CUDA cores)."""
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        ms = timed(lambda: a @ b)["ms"]
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-    return 2 * n**3 / (ms * 1e-3)
 
 
 def floors(
@@ -184,12 +165,12 @@ def dense_variants(x, g, L, device):
     p = {}  # the current variant's parameters; cleared before the next variant allocates its own
 
     def forward_master():
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
             return F.linear(x, p["w"], p["b"])
 
     def forward_backward_master():
         p["w"].grad = p["b"].grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             out = F.linear(x, p["w"], p["b"])
         out.backward(g)
 
@@ -209,39 +190,38 @@ def dense_variants(x, g, L, device):
         p["b"] = torch.zeros(L, device=device, dtype=dtype, requires_grad=True)
         yield name, dtype, None, forward, forward_backward
         p.clear()
-        gc.collect()
-        torch.cuda.empty_cache()
+        free(device)
 
 
 def peak_memory(kind: str, B: int, D: int, L: int, K: int, device) -> dict:
     """Peak allocated bytes of one forward + backward (second call, after a warm-up), parameters included,
-    with fp32 weights under bf16 autocast (x requires a gradient, as an encoder's output does)."""
+    with fp32 weights under bf16 autocast (x requires a gradient, as an encoder's output does); None on
+    the CPU."""
     from xmc.nn.fixed_fanin import FixedFanInLinear
 
-    gc.collect()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
+    free(device)
+    base = allocated(device)
     if kind == "fixed":
         module = FixedFanInLinear(D, L, K, device=device)
     else:
         module = torch.nn.Linear(D, L, device=device)
     x = torch.randn(B, D, device=device, dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(B, L, device=device, dtype=torch.bfloat16)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()  # from here: parameters and inputs, plus what the step adds
+    reset_peak(device)  # from here: parameters and inputs, plus what the step adds
     for _ in range(2):
         module.zero_grad(set_to_none=True)
         x.grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             out = module(x)
         out.backward(g)
         del out
-        torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+        synchronize(device)
+    peak = peak_allocated(device)
     del module, x, g
-    gc.collect()
-    torch.cuda.empty_cache()
-    return {"peak_allocated_bytes": peak, "peak_allocated_gib": peak / GIB}
+    free(device)
+    if peak is None:
+        return {"peak_allocated_bytes": None, "peak_allocated_gib": None}
+    return {"peak_allocated_bytes": peak - base, "peak_allocated_gib": (peak - base) / GIB}
 
 
 def classifier_step(kind: str, B: int, D: int, L: int, K: int, device) -> dict:
@@ -250,9 +230,8 @@ def classifier_step(kind: str, B: int, D: int, L: int, K: int, device) -> dict:
     from xmc.classifiers import DenseClassifier, FixedFanInClassifier
     from xmc.losses import Positives
 
-    gc.collect()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
+    free(device)
+    base = allocated(device)
     gen = torch.Generator().manual_seed(0)
     positives = Positives.from_lists(torch.randint(0, L, (B, 5), generator=gen).tolist(), L, device=device)
     h = torch.randn(B, D, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -264,18 +243,18 @@ def classifier_step(kind: str, B: int, D: int, L: int, K: int, device) -> dict:
     def step():
         optimizer.zero_grad(set_to_none=True)
         h.grad = None
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = clf.loss(h, positives, "bce")
         loss.backward()
         optimizer.step()
 
     step()  # AdamW's moments exist from here on
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak(device)
     step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    row = {**timed(step), "peak_allocated_bytes": peak, "peak_allocated_gib": peak / GIB}
+    peak = peak_allocated(device)
+    peak = None if peak is None else peak - base
+    row = {**timed(step, device), "peak_allocated_bytes": peak}
+    row["peak_allocated_gib"] = None if peak is None else peak / GIB
     if kind == "fixed":
         # weights + ids read, grad_w written, the gradient buffer written and read (bf16), the input
         # gradient's column-order weight and slot reads, AdamW: w, grad, m, v read and w, m, v written (fp32).
@@ -304,23 +283,26 @@ def rewiring(L: int, K: int, D: int, device, repeats: int = 7) -> dict:
     schedule = SET(layer, total_steps=10**9, config=SETConfig(fraction=0.25), optimizer=optimizer)
     rewire_ms, with_transpose_ms, changed = [], [], 0
     for step in range(1, repeats + 3):
-        torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         changed = schedule.rewire(step)
-        torch.cuda.synchronize()
+        synchronize(device)
         middle = time.perf_counter()
         layer.column_transpose()
-        torch.cuda.synchronize()
+        synchronize(device)
         end = time.perf_counter()
         if step > 2:  # warm-up rewirings
             rewire_ms.append((middle - start) * 1e3)
             with_transpose_ms.append((end - start) * 1e3)
     rewire_ms.sort()
     with_transpose_ms.sort()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    cuda = device.type == "cuda"
+    activity = torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU
+    with torch.profiler.profile(activities=[activity]) as prof:
         schedule.rewire(repeats + 3)
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))  # where a rewiring spends
+        synchronize(device)
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=8))  # where a rewiring spends
     del layer, optimizer, schedule
     return {
         "rewire_ms": rewire_ms[len(rewire_ms) // 2],
@@ -343,27 +325,17 @@ def main() -> None:
     parser.add_argument("--step-labels", type=int, default=2_812_281)
     parser.add_argument("--skip", nargs="*", default=[], choices=["kernels", "memory", "step", "rewire"])
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke test at small shapes"
+    )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_fixed_fanin.py needs a CUDA GPU (it times the compiled Triton kernels)")
-    import triton
-
-    device = torch.device("cuda")
+    device = pick_device(args.device)
+    cuda = device.type == "cuda"
     B, D = args.batch, args.dim
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "git": git_revision(),
-        "date": dt.date.today().isoformat(),
-        "B": B,
-        "D": D,
-    }
-    bandwidth = copy_bandwidth(device)
-    rate = matmul_rate(device)
-    fp32_rate = matmul_rate(device, torch.float32)
+    meta = {**environment(device), "B": B, "D": D}
+    bandwidth = copy_bandwidth(device, GIB if cuda else 64 * 2**20)
+    rate = matmul_rate(device, torch.bfloat16, 8192 if cuda else 256)
+    fp32_rate = matmul_rate(device, torch.float32, 8192 if cuda else 256)
     ceilings = {"copy_bytes_per_s": bandwidth, "bf16_flops": rate, "fp32_flops": fp32_rate}
     append_row(args.results, {**meta, "bench": "ceilings", **ceilings})
     print(
@@ -396,7 +368,7 @@ def main() -> None:
                     row["weight_dtype"], row["x_dtype"] = _name(w_dtype), "bfloat16"
                     row["id_dtype"] = _name(i_dtype) if i_dtype else None
                     try:
-                        row.update(timed(fn))
+                        row.update(timed(fn, device))
                     except Exception as err:  # a failing variant is reported, the others still run
                         row["error"] = f"{type(err).__name__}: {err}"
                         append_row(args.results, row)
@@ -414,22 +386,23 @@ def main() -> None:
                     row["floor_pct"] = 100 * row["floor_ms"] / row["ms"]
                     append_row(args.results, row)
                     table.append(row)
-                gc.collect()
-                torch.cuda.empty_cache()
+                free(device)
         del g
-        gc.collect()
-        torch.cuda.empty_cache()
+        free(device)
         if "memory" not in args.skip:
             K = args.memory_fan_in
             peaks = {kind: peak_memory(kind, B, D, L, K, device) for kind in ("fixed", "dense")}
-            ratio = peaks["dense"]["peak_allocated_bytes"] / peaks["fixed"]["peak_allocated_bytes"]
             row = {**meta, "bench": "peak_memory", "L": L, "K": K, "fixed": peaks["fixed"]}
-            row.update({"dense_fp32_master": peaks["dense"], "dense_over_fixed": ratio})
+            row["dense_fp32_master"] = peaks["dense"]
+            if cuda:
+                ratio = peaks["dense"]["peak_allocated_bytes"] / peaks["fixed"]["peak_allocated_bytes"]
+                row["dense_over_fixed"] = ratio
+                print(
+                    f"L={L} K={K} peak allocated fwd+bwd: fixed "
+                    f"{peaks['fixed']['peak_allocated_gib']:.2f} GiB, dense fp32-master "
+                    f"{peaks['dense']['peak_allocated_gib']:.2f} GiB ({ratio:.1f}x)"
+                )
             append_row(args.results, row)
-            print(
-                f"L={L} K={K} peak allocated fwd+bwd: fixed {peaks['fixed']['peak_allocated_gib']:.2f} GiB, "
-                f"dense fp32-master {peaks['dense']['peak_allocated_gib']:.2f} GiB ({ratio:.1f}x)"
-            )
     if "step" not in args.skip:
         L, K = args.step_labels, args.memory_fan_in
         steps = {}
@@ -454,9 +427,8 @@ def main() -> None:
             row["floor_pct"] = 100 * row["floor_ms"] / row["ms"]
             append_row(args.results, row)
             steps[kind] = row
-            gc.collect()
-            torch.cuda.empty_cache()
-        if len(steps) == 2:
+            free(device)
+        if len(steps) == 2 and cuda:
             fixed, dense = steps["fixed"], steps["dense"]
             print(
                 f"classifier step L={L} K={K}: fixed fan-in {fixed['ms']:.2f} ms "

@@ -1,10 +1,20 @@
-"""Shared by the benchmark scripts: the git revision and appending a results row."""
+"""Shared by the benchmark scripts: the git revision, appending a results row, and the device helpers of
+the GPU benchmarks (timing, peak memory, the copy bandwidth and matmul rates that floors are measured
+against). Every helper also runs on the CPU, at small sizes, so a benchmark's code path is smoke-tested
+there (``benchmarks/gpu_suite.py --tiny``) before a GPU session runs it."""
 
 from __future__ import annotations
 
+import datetime as dt
+import gc
 import json
+import platform
+import statistics
 import subprocess
+import time
 from pathlib import Path
+
+GIB = 2**30
 
 
 def git_revision() -> str:
@@ -23,3 +33,130 @@ def append_row(path: Path, row: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         handle.write(json.dumps(row) + "\n")
+
+
+def pick_device(name: str):
+    """``torch.device`` for ``auto`` (CUDA when present), ``cuda`` or ``cpu``; exits with the fix when
+    ``cuda`` is asked for and absent."""
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run on a GPU, or pass --device cpu to smoke-test at small sizes")
+    return torch.device(name)
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def environment(device) -> dict:
+    """Device, library versions, git revision and date: the columns every results row starts with."""
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git": git_revision(),
+        "date": dt.date.today().isoformat(),
+    }
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free(device) -> None:
+    """Collect garbage and, on CUDA, return cached blocks, so the next measurement starts clean."""
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def allocated(device) -> int:
+    """Bytes allocated by tensors on ``device`` now (0 on the CPU, where the allocator is not tracked)."""
+    import torch
+
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_allocated(device) -> int | None:
+    """Peak bytes allocated since :func:`reset_peak` (CUDA); None on the CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def timed(fn, device=None) -> dict:
+    """Median and 20th / 80th percentile of ``fn()`` in ms: CUDA events (``triton.testing.do_bench``,
+    after warm-up) on CUDA; on the CPU (smoke tests) wall time of two calls after one."""
+    if device is None or device.type == "cuda":
+        import triton.testing
+
+        median, p20, p80 = triton.testing.do_bench(fn, warmup=50, rep=300, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": median, "p20_ms": p20, "p80_ms": p80}
+    fn()
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return {"ms": statistics.median(times), "p20_ms": times[0], "p80_ms": times[-1]}
+
+
+def copy_bandwidth(device, nbytes: int = GIB) -> float:
+    """Bytes per second of a device-to-device copy of ``nbytes``, counting bytes read plus bytes written."""
+    import torch
+
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src), device)["ms"]
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def matmul_rate(device, dtype=None, n: int = 8192, tf32: bool = False) -> float:
+    """FLOP/s of an ``n``^3 product of random data: bf16 on tensor cores, fp32 with TF32 off (CUDA
+    cores) or, with ``tf32``, fp32 inputs on TF32 tensor cores."""
+    import torch
+
+    dtype = dtype or torch.bfloat16
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        ms = timed(lambda: a @ b, device)["ms"]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    return 2 * n**3 / (ms * 1e-3)
