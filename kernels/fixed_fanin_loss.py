@@ -11,9 +11,10 @@ the summed loss and its gradients scaled by ``scale`` (the caller's 1 / (B L) of
 with BCE ``f = softplus(z) - y z`` (``f' = sigmoid(z) - y``) or the squared hinge ``f = max(0, 1 - s z)^2``
 (``f' = -2 s max(0, 1 - s z)``, ``s = 2 y - 1``).
 
-One program owns BLOCK_L labels and the whole batch (B <= 128): it gathers its logits tile, marks the tile's
-positives (found by binary search in the positives sorted by label), evaluates the loss and its gradient in
-registers, writes the gradient's bias and weight parts, and writes the gradient transposed
+One program owns BLOCK_L labels and a tile of up to 128 documents: it gathers its logits tile, marks the
+tile's positives (found by binary search in the positives sorted by label), evaluates the loss and its
+gradient in registers, writes the gradient's bias and weight parts (larger batches run tile after tile, each
+adding its part to fp32 sums, so a batch of any size takes the fused path), and writes the gradient transposed
 into a label range's buffer (at most 32 MiB, L2-resident), from which the fixed fan-in input-gradient kernel
 (:mod:`xmc.kernels.fixed_fanin`) adds the range's share of grad_x. Neither the B x L logits, nor targets, nor
 the full B x L gradient ever exist: the only B x L-sized traffic is that buffer. Each program writes its loss
@@ -50,11 +51,11 @@ from xmc.losses import LOSSES, chunk_loss_and_grad
 
 __all__ = ["MAX_BATCH", "fixed_fanin_loss_reference", "fixed_fanin_loss_triton"]
 
-MAX_BATCH = 128  # a program holds the whole batch of its labels
+MAX_BATCH = 128  # a program holds a tile of this many documents of its labels (larger batches: tile by tile)
 _BLOCK_L = 32
 
 
-@_jit(do_not_specialize=["label0", "nnz", "steps"])
+@_jit(do_not_specialize=["label0", "nnz", "steps", "b0"])
 def _fixed_fanin_loss_kernel(
     xt_ptr,
     w_ptr,
@@ -72,6 +73,7 @@ def _fixed_fanin_loss_kernel(
     label0,
     nnz,
     steps,
+    b0,
     scale,
     stride_xd,
     stride_xb,
@@ -83,17 +85,20 @@ def _fixed_fanin_loss_kernel(
     stride_gb,
     HAS_BIAS: tl.constexpr,
     SQUARED_HINGE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    """One program: labels pid * BLOCK_L .. (+ BLOCK_L) of a range of n, with the whole batch. ``w``, ``idx``,
-    ``bias``, ``grad_w`` and ``grad_b`` point at the range's first label; ``gt`` is the range's (n, B)
-    gradient buffer; the positives are all of the call's (label, row) pairs sorted by label, labels counted
-    from ``label0`` labels before the range (binary search finds the range's own: no host sync)."""
+    """One program: labels pid * BLOCK_L .. (+ BLOCK_L) of a range of n, with documents b0 .. b0 + BLOCK_B - 1
+    of the batch. ``w``, ``idx``, ``bias``, ``grad_w`` and ``grad_b`` point at the range's first label;
+    ``gt`` is the range's (n, B) gradient buffer; the positives are all of the call's (label, row) pairs
+    sorted by label, labels counted from ``label0`` labels before the range (binary search finds the
+    range's own: no host sync). ``ACCUMULATE``: add this tile's weight and bias gradients to what
+    ``grad_w`` / ``grad_b`` hold (fp32 sums over the batch's tiles) instead of writing them."""
     pid = tl.program_id(0)
     local = pid.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)  # labels counted from the range's first
     mask_l = local < n
-    offs_b = tl.arange(0, BLOCK_B)
+    offs_b = b0 + tl.arange(0, BLOCK_B)  # documents of this tile, counted in the whole batch
     mask_b = offs_b < B
     mask = mask_l[:, None] & mask_b[None, :]
     w_rows = w_ptr + local * stride_wl
@@ -137,16 +142,18 @@ def _fixed_fanin_loss_kernel(
         mask=mask,
     )
     if HAS_BIAS:
-        tl.store(grad_b_ptr + local, tl.sum(g, axis=1).to(grad_b_ptr.dtype.element_ty), mask=mask_l)
+        gb = tl.sum(g, axis=1)
+        if ACCUMULATE:
+            gb += tl.load(grad_b_ptr + local, mask=mask_l, other=0.0)
+        tl.store(grad_b_ptr + local, gb.to(grad_b_ptr.dtype.element_ty), mask=mask_l)
     gw_rows = grad_w_ptr + local * stride_wl
     for k in range(0, K):
         cols = tl.load(i_rows + k * stride_ik, mask=mask_l, other=0).to(tl.int32)
         xv = tl.load(xt_ptr + cols[:, None] * stride_xd + offs_b[None, :] * stride_xb, mask=mask, other=0.0)
-        tl.store(
-            gw_rows + k * stride_wk,
-            tl.sum(g * xv.to(tl.float32), axis=1).to(grad_w_ptr.dtype.element_ty),
-            mask=mask_l,
-        )
+        gw = tl.sum(g * xv.to(tl.float32), axis=1)
+        if ACCUMULATE:
+            gw += tl.load(gw_rows + k * stride_wk, mask=mask_l, other=0.0)
+        tl.store(gw_rows + k * stride_wk, gw.to(grad_w_ptr.dtype.element_ty), mask=mask_l)
 
 
 def _sorted_positives(
@@ -173,8 +180,9 @@ def fixed_fanin_loss_triton(
     need_x: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """Fused loss of labels ``row_start .. row_stop - 1`` of a layer (whole ``weight`` / ``indices`` (L, K),
-    ``bias`` (L,) or None) on x (B, D), B <= ``MAX_BATCH``; the positives are the distinct pairs
-    ``(rows, cols)``, cols counted from ``row_start``.
+    ``bias`` (L,) or None) on x (B, D), any B (tiles of ``MAX_BATCH`` documents, their weight and bias
+    gradients summed in fp32); the positives are the distinct pairs ``(rows, cols)``, cols counted from
+    ``row_start``.
 
     Returns ``(loss_sum, grad_x, grad_w, grad_b)``: the summed loss (fp32 scalar, unscaled), grad_x (B, D) in
     fp32 (None unless ``need_x``; needs the whole layer's ``column_transpose`` as ``col_ptr`` / ``slots``),
@@ -185,8 +193,6 @@ def fixed_fanin_loss_triton(
         raise ValueError(f"unknown loss {kind!r}: choose one of {', '.join(LOSSES)}")
     B, D = x.shape
     L, K = weight.shape
-    if B > MAX_BATCH:
-        raise ValueError(f"the fused loss holds a label's whole batch: B <= {MAX_BATCH}, got {B}")
     if not 0 <= row_start <= row_stop <= L:
         raise ValueError(f"labels {row_start}..{row_stop - 1} are not within L = {L}")
     if x.dtype not in TRITON_DTYPES or weight.dtype not in TRITON_DTYPES:
@@ -213,53 +219,67 @@ def fixed_fanin_loss_triton(
         pos_labels = pos_rows = torch.zeros(1, dtype=torch.int64, device=device)
     steps = max(1, nnz.bit_length() + 1)
     block_b = max(16, _block(B, MAX_BATCH))
+    tiles = range(0, B, block_b)
+    tiled = len(tiles) > 1
+    # Tiles add their parts: into fp32 sums, cast to the parameters' dtypes once at the end.
+    sum_w = torch.zeros((n, K), dtype=torch.float32, device=device) if tiled else grad_w
+    sum_b = (
+        None if bias is None else (torch.zeros((n,), dtype=torch.float32, device=device) if tiled else grad_b)
+    )
     per_range = max(_BLOCK_L, _BWD_X_CHUNK_BYTES // (B * x.element_size()) // _BLOCK_L * _BLOCK_L)
     gt = _new_output((min(per_range, n), B), x.dtype, device)
     programs = triton.cdiv(min(per_range, n), _BLOCK_L)
-    partials = _new_output((triton.cdiv(n, per_range), programs), torch.float32, device)
+    partials = _new_output((triton.cdiv(n, per_range), len(tiles), programs), torch.float32, device)
     x_steps = max(1, (L * K).bit_length() + 1)
     splits = max(1, min(_BWD_X_SPLITS, min(per_range, n) * K // (D * _BWD_X_SPLIT_SLOTS)))
     parts = _new_output((splits, B, D), torch.float32, device) if need_x else None
     for i, r0 in enumerate(range(0, n, per_range)):
         r1 = min(n, r0 + per_range)
         grid = (triton.cdiv(r1 - r0, _BLOCK_L),)
-        partials[i, grid[0] :].zero_()
-        _fixed_fanin_loss_kernel[grid](
-            xt,
-            weight[row_start + r0 :],
-            indices[row_start + r0 :],
-            bias[row_start + r0 :] if bias is not None else weight,  # never read without HAS_BIAS
-            pos_labels,
-            pos_rows,
-            gt,
-            grad_w[r0:],
-            grad_b[r0:] if bias is not None else grad_w,
-            partials[i],
-            B,
-            r1 - r0,
-            K,
-            r0,
-            nnz,
-            steps,
-            scale,
-            xt.stride(0),
-            xt.stride(1),
-            weight.stride(0),
-            weight.stride(1),
-            indices.stride(0),
-            indices.stride(1),
-            gt.stride(0),
-            gt.stride(1),
-            HAS_BIAS=bias is not None,
-            SQUARED_HINGE=kind == "squared_hinge",
-            BLOCK_B=block_b,
-            BLOCK_L=_BLOCK_L,
-            num_warps=4,
-        )
+        partials[i, :, grid[0] :].zero_()
+        for t, b0 in enumerate(tiles):
+            _fixed_fanin_loss_kernel[grid](
+                xt,
+                weight[row_start + r0 :],
+                indices[row_start + r0 :],
+                bias[row_start + r0 :] if bias is not None else weight,  # never read without HAS_BIAS
+                pos_labels,
+                pos_rows,
+                gt,
+                sum_w[r0:],
+                sum_b[r0:] if bias is not None else sum_w,
+                partials[i, t],
+                B,
+                r1 - r0,
+                K,
+                r0,
+                nnz,
+                steps,
+                b0,
+                scale,
+                xt.stride(0),
+                xt.stride(1),
+                weight.stride(0),
+                weight.stride(1),
+                indices.stride(0),
+                indices.stride(1),
+                gt.stride(0),
+                gt.stride(1),
+                HAS_BIAS=bias is not None,
+                SQUARED_HINGE=kind == "squared_hinge",
+                ACCUMULATE=tiled,
+                BLOCK_B=block_b,
+                BLOCK_L=_BLOCK_L,
+                num_warps=4,
+            )
         if need_x:
             grad_x += _gather_input_gradient(
                 gt, weight, col_ptr, slots, parts, K, row_start + r0, row_start + r1, x_steps
             )
+    if tiled:
+        grad_w.copy_(sum_w)
+        if bias is not None:
+            grad_b.copy_(sum_b)
     return partials.sum(), grad_x, grad_w, grad_b
 
 

@@ -351,6 +351,10 @@ def test_numbers_in_exponent_form_are_numbers(tmp_path, config_file):
     path.write_text("train: {classifier_lr: 3e-2, max_steps: 1e3, warmup: .5}\n")
     config = load_config(path)
     assert (config.train.classifier_lr, config.train.max_steps, config.train.warmup) == (0.03, 1000, 0.5)
+    # YAML 1.1 reads no as false: the choice "no" is meant (the README's own train.precision=no).
+    assert load_config(config_file, ["train.precision=no"]).train.precision == "no"
+    path.write_text("train: {precision: no}\n")
+    assert load_config(path).train.precision == "no"
     for bad in ("train.max_steps=1.5e3x", "train.max_steps=2.5"):
         with pytest.raises(ConfigError, match="must be int"):
             load_config(config_file, [bad])

@@ -73,7 +73,9 @@ class SETOptions:
 @dataclass
 class MetaConfig:
     enabled: bool = False  # auxiliary meta-classifier over label clusters (improves gradient flow)
-    clusters: int = 256  # label clusters; ~L / 64 is a good start (SPARTEX: 2,048 for 131K labels)
+    clusters: int = (
+        256  # label clusters; xmc.meta.cluster_count(L) (L / 64 as a power of two) is a good start
+    )
     lam0: float = 0.4  # initial weight of the meta loss: (1 - lam) * main + lam * meta
     cutoff_epoch: int = 5  # lam decays on a cosine to 0 at this epoch, then the meta loss is off
 
@@ -383,7 +385,15 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
         value = _number(key, value, kind)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if kind is str and isinstance(value, bool):
+        # YAML 1.1 reads no / yes (off / on) as booleans: `train.precision=no` means the choice "no".
+        word = "yes" if value else "no"
+        if word in CHOICES.get(key, ()):
+            return word
+        raise ConfigError(
+            f"{key} must be a string, got {value!r}: quote it, e.g. {key}='{str(value).lower()}'"
+        )
+    if kind is str and isinstance(value, (int, float)):
         return str(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{key} must be {kind.__name__}, got {value!r}")

@@ -22,6 +22,13 @@ from xmc.classifiers.dense import DenseClassifier
 from xmc.losses import Positives
 
 
+def cluster_count(num_labels: int) -> int:
+    """The number of label clusters for L labels: L / 64 rounded to a power of two (in log scale), at
+    least 2. One rule for every shipped config, anchored on SPARTEX's one published count (2,048 clusters
+    for LF-AmazonTitles-131K's 131,073 labels)."""
+    return max(2, 2 ** round(math.log2(max(num_labels, 1) / 64)))
+
+
 def meta_positives(positives: Positives, cluster_of_label: torch.Tensor, num_clusters: int) -> Positives:
     """Each document's positive clusters, deduplicated and sorted within the row.
 

@@ -141,7 +141,7 @@ class Classifier(nn.Module, abc.ABC):
             )
         params = [*self.label_parameters(), *self.shared_parameters()]
         wanted = h.requires_grad or any(p.requires_grad for p in params)
-        if self.fused_loss and torch.is_grad_enabled() and wanted and not _fp16(h):
+        if torch.is_grad_enabled() and wanted and fused_loss_applies(self.fused_loss, fp16=_fp16(h)):
             return _FusedChunkedLoss.apply(h, positives, self, kind, *params)
         return _ChunkedLoss.apply(h, positives, self, kind, *params)
 
@@ -194,6 +194,16 @@ class Classifier(nn.Module, abc.ABC):
                 best_scores, best_ids, scores, self.label_offset + start, k
             )
         return best_scores, best_ids
+
+
+def fused_loss_applies(fused_loss: bool, fp16: bool) -> bool:
+    """Whether a training step computes the classifier's gradients with its loss in one pass (the fused
+    path; on CUDA, for a plain fixed fan-in layer, one Triton kernel per label range, at any batch size):
+    ``train.fused_loss`` on and no fp16. Under fp16 (activations, or autocast to fp16) a chunk's gradient
+    must be multiplied by the loss scale before it is rounded, and only the backward pass knows that scale,
+    so the loss recomputes each chunk's logits there. The runtime decides with this function, and the
+    shipped configs are checked with it (they use bf16, where both precisions exist)."""
+    return fused_loss and not fp16
 
 
 def _fp16(h: torch.Tensor) -> bool:

@@ -24,7 +24,7 @@ from xmc.kernels.fixed_fanin import (
     fixed_fanin_input_gradient_triton,
     use_triton,
 )
-from xmc.kernels.fixed_fanin_loss import MAX_BATCH, fixed_fanin_loss_triton
+from xmc.kernels.fixed_fanin_loss import fixed_fanin_loss_triton
 from xmc.kernels.grouped_fanin import (
     _GROUP_BUFFER_BYTES,
     grouped_fanin,
@@ -146,14 +146,13 @@ class FixedFanInClassifier(Classifier):
         return (grad_h if grad_h is not None else part_h), [grad_w] + ([grad_b] if has_bias else [])
 
     def chunk_loss_step(self, h, rows, cols, kind, scale, start, stop, need_input):
-        """On the Triton path (plain layer, B <= 128, the fused pass's float scale): one fused kernel per
+        """On the Triton path (plain layer, the fused pass's float scale, any batch): one fused kernel per
         label range computes the chunk's logits, loss and gradients (:mod:`xmc.kernels.fixed_fanin_loss`)."""
         layer = self.layer
         fused = (
             _FUSED_KERNEL["usable"]
             and isinstance(scale, float)
             and layer.group == 1
-            and h.shape[0] <= MAX_BATCH
             and use_triton("auto", h, layer.weight)
         )
         if not fused:

@@ -44,9 +44,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
+def resolve_precision(name: str, device: torch.device, bf16: bool | None = None) -> str:
+    """``train.precision`` on ``device``: ``auto`` is bf16 on a GPU that has it, else fp32 (``no``).
+    ``bf16``: whether the GPU has bf16 (default: ask CUDA), so a CPU can resolve a GPU's choice."""
     if name == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+        if device.type != "cuda":
+            return "no"
+        return "bf16" if (torch.cuda.is_bf16_supported() if bf16 is None else bf16) else "no"
     return name
 
 
