@@ -187,7 +187,7 @@ def test_presets_use_their_real_label_counts_and_configs():
         p = preset_plan(name)
         assert p.labels == labels and p.encoder.kind == "transformer"
     amazon = preset_plan("amazon-3m")
-    assert (amazon.batch, amazon.grad_accum, amazon.fan_in, amazon.precision) == (128, 2, 128, "fp16")
+    assert (amazon.batch, amazon.grad_accum, amazon.fan_in, amazon.precision) == (128, 2, 128, "bf16")
     assert amazon.encoder == ENCODERS["bert-base"]
     titles = preset_plan("lf-amazontitles-1.3m")
     assert titles.encoder.layers == 6 and titles.seq_len == 32 and titles.optimizer == "sgd"
