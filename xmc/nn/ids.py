@@ -83,8 +83,7 @@ def _fill_by_rejection(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The rejection loop: (R, K) int64 ids and the (R, K) bool slots still pending after _MAX_ROUNDS."""
     fan_in = ids.shape[1]
-    blocked = ids.to(torch.int64)
-    blocked = blocked.clone() if avoid is None else torch.cat([blocked, avoid.to(torch.int64)], dim=1)
+    blocked = _with_avoided(ids, avoid)
     slots = torch.arange(fan_in, device=ids.device)
     pending = fill.clone()
     for attempt in range(_MAX_ROUNDS):
@@ -106,12 +105,16 @@ def _fill_by_ranking_avoiding(
 ) -> torch.Tensor:
     """Ranking over the row's free columns, with ``avoid`` blocked too (callers keep K + A <= D)."""
     fan_in = ids.shape[1]
-    blocked = ids.to(torch.int64)
-    if avoid is not None:
-        blocked = torch.cat([blocked, avoid.to(torch.int64)], dim=1)
+    blocked = _with_avoided(ids, avoid)
     blocked_fill = torch.zeros_like(blocked, dtype=torch.bool)
     blocked_fill[:, :fan_in] = fill
     return _fill_by_ranking(blocked, blocked_fill, rows, num_columns, key)[:, :fan_in]
+
+
+def _with_avoided(ids: torch.Tensor, avoid: torch.Tensor | None) -> torch.Tensor:
+    """A new (R, K + A) int64 tensor: each row's ids, then the ids it must avoid."""
+    ids = ids.to(torch.int64)
+    return ids.clone() if avoid is None else torch.cat([ids, avoid.to(torch.int64)], dim=1)
 
 
 def _use_kernel(ids: torch.Tensor, fan_in: int, width: int) -> bool:
