@@ -5,6 +5,7 @@ without ``--tiny`` the GPU stages are skipped, not crashed."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +18,27 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 STAGES = ["environment", "kernel_tests", "kernel_bench", "train_step", "million_labels", "minilm_eurlex"]
 
 
-def run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run(script: str, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(BENCHMARKS / script), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env=env,
     )
+
+
+def without_datasets(folder: Path) -> dict:
+    """An environment in which ``import datasets`` fails, as on the GPU machine, whose image lacks it."""
+    (folder / "datasets").mkdir(parents=True)
+    (folder / "datasets" / "__init__.py").write_text(
+        "raise ImportError('datasets is not installed on the GPU machine: keep the GPU path free of it')\n"
+    )
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])),
+    }
 
 
 def summary_tables(text: str) -> list[list[list[str]]]:
@@ -82,9 +96,8 @@ def test_tiny_suite_runs_every_stage(tmp_path):
     assert got["attention_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
 
     out = tmp_path / "out"
-    done = run(
-        "gpu_suite.py", "--tiny", "--out", str(out), "--stage", str(stage), "--scratch", str(tmp_path / "s")
-    )
+    suite = ["--tiny", "--out", str(out), "--stage", str(stage), "--scratch", str(tmp_path / "s")]
+    done = run("gpu_suite.py", *suite, env=without_datasets(tmp_path / "device-image"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]] == STAGES
