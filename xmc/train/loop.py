@@ -373,6 +373,8 @@ def train(
                         "train_loss": float(epoch_loss) / max(pos.epoch_steps, 1),
                     }
                 )
+                if rewiring:  # SET rewirings so far, every fixed fan-in layer (plots mark them per epoch)
+                    pos.history[-1]["rewirings"] = sum(s["rewirings"] for s in rewiring.state_dict().values())
                 epoch_loss, pos.epoch_steps = torch.zeros_like(epoch_loss), 0
                 log.info(
                     "epoch %d/%d: step %d, train loss %.4g",
