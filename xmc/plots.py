@@ -84,7 +84,7 @@ def plot_runs(runs: list[RunPicture], path: str | os.PathLike, k: int = 5) -> No
             label = f"{run.name} (P@{k} {values.sum():.1f})"
             ax.bar(x - 0.4 + width * (j + 0.5), values, width * 0.95, color=color[run.name], label=label)
         ax.set_xticks(x)
-        ax.set_xlabel("label-frequency decile (1 = head, 10 = tail; equal training occurrences)")
+        ax.set_xlabel("label-frequency decile (1 = head, 10 = tail)")
         ax.set_ylabel(f"share of P@{k} (points)")
         ax.set_title(f"P@{k} by label-frequency decile", fontsize=10)
         ax.legend(fontsize=8)
