@@ -103,6 +103,21 @@ class RecordingParallel(Parallel):
         return total
 
 
+def ddp_coverage(par: Parallel, model) -> dict | None:
+    """What wraps the model for gradient reduction: the wrapper's class and the names (in ``model``) of
+    the parameters it reduces; None without a wrapper."""
+    if par.ddp is None:
+        return None
+    ignored = set(par.ddp.parameters_to_ignore)
+    prefix = "" if par.ddp.module is model else "model."
+    reduced = [
+        name.removeprefix(prefix)
+        for name, p in par.ddp.module.named_parameters()
+        if p.requires_grad and name not in ignored
+    ]
+    return {"wrapper": type(par.ddp).__name__, "reduced": sorted(reduced)}
+
+
 def whole_gradients(par: Parallel, model) -> dict[str, torch.Tensor] | None:
     """Every parameter's gradient on rank 0, label shards gathered; None elsewhere."""
     names = par.label_state_names(model)
@@ -125,7 +140,9 @@ def run_case(
     encoder, inputs = build_encoder_and_inputs(config.encoder, loaded.sources, progress=False)
     clusters = np.arange(loaded.num_labels) % 4 if config.classifier.meta.enabled else None
     model = par.prepare(build_model(config, encoder, loaded.num_labels, clusters), torch.device("cpu"))
-    records: dict = {"steps": {}, "grads": {}, "states": {}}
+    records: dict = {"steps": {}, "grads": {}, "states": {}, "ddp": ddp_coverage(par, model)}
+    records["trainable"] = sorted(name for name, p in model.named_parameters() if p.requires_grad)
+    records["label_shards"] = sorted(par.label_state_names(model))
 
     def hook(model, step, optimizers, scaler):
         grads = whole_gradients(par, model)
@@ -147,7 +164,9 @@ def run_case(
             torch.device("cpu"),
             "no",
             resume=resume,
-            meta_weight_fn=(lambda epochs: 0.3) if model.meta is not None else None,
+            # 0 in the first epoch: the meta head gets no gradient there (None on every rank, as in one
+            # process, so AdamW leaves it alone)
+            meta_weight_fn=(lambda epochs: 0.3 if epochs >= 1 else 0.0) if model.meta is not None else None,
             progress=False,
             step_hook=hook,
             parallel=par,

@@ -118,6 +118,25 @@ def test_two_processes_match_one_at_every_step(worlds, case):
         assert sum(not torch.equal(a, b) for a, b in zip(ids, ids[1:], strict=False)) >= 2
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_ddp_wraps_the_replicated_parameters(worlds, case):
+    """Over 2 ranks DistributedDataParallel reduces every replicated trainable parameter (the whole
+    model in data parallel, all but the label shards under label sharding), and the hand-written
+    gradient sum is never called; a single process has no wrapper."""
+    _, _, one, two = worlds
+    got = two[case]
+    assert one[case]["ddp"] is None
+    assert got["ddp"]["wrapper"] == "DistributedDataParallel"
+    replicated = [name for name in got["trainable"] if name not in got["label_shards"]]
+    assert got["ddp"]["reduced"] == replicated
+    assert bool(got["label_shards"]) == case.startswith("labels")
+    if "meta.classifier.weight" in replicated:  # no gradient in the first epoch (meta weight 0), then one
+        grads = got["grads"]
+        assert any(not grads[step]["meta.classifier.weight"].any() for step in grads)
+        assert any(grads[step]["meta.classifier.weight"].any() for step in grads)
+
+
 def _checkpoint(run: Path) -> tuple[dict, dict]:
     folder = run / (run / "latest").read_text().strip()
     return load_file(folder / "model.safetensors"), torch.load(folder / "training.pt", weights_only=False)
@@ -254,11 +273,12 @@ def test_xmc_train_under_torchrun_data_parallel_dense(tmp_path):
 
 
 @pytest.mark.slow
-def test_xmc_train_under_accelerate_launch_label_sharded_fixed_fanin(tmp_path):
+@pytest.mark.parametrize("parallel", ["labels", "data"])
+def test_xmc_train_under_accelerate_launch_fixed_fanin(tmp_path, parallel):
     if shutil.which("accelerate") is None and not _has_module("accelerate"):
         pytest.skip("accelerate is not installed")
     dist_worker.write_data(tmp_path / "data")
-    config = _e2e_config(tmp_path, tmp_path / "data", "fixed_fanin", "labels")
+    config = _e2e_config(tmp_path, tmp_path / "data", "fixed_fanin", parallel)
     run = tmp_path / "run"
     # `accelerate launch --multi_gpu` runs torch.distributed.run; on a machine without GPUs the processes
     # find no CUDA and train on CPU over gloo.

@@ -18,6 +18,7 @@ from xmc.fips import (
     group_parameters,
     kept,
     make_groups,
+    materialize,
     mlp_blocks,
     rank_for_budget,
     save_compressed,
@@ -208,9 +209,14 @@ def _save(tmp_path, sparsity=0.5, budget=0.6):
     return model, folder, summary, tokenizer
 
 
-def test_saved_folder_loads_through_the_encoder_path_and_plain_transformers(tmp_path):
-    from transformers import AutoModel
+def safe_open_keys(path) -> set[str]:
+    from safetensors import safe_open
 
+    with safe_open(str(path), "pt") as handle:
+        return set(handle.keys())
+
+
+def test_saved_folder_loads_through_the_encoder_path_without_dense_mlp_weights(tmp_path):
     from xmc.config import EncoderConfig
     from xmc.encoders import SplitSource, TransformerEncoder, build_encoder_and_inputs
 
@@ -227,10 +233,16 @@ def test_saved_folder_loads_through_the_encoder_path_and_plain_transformers(tmp_
     assert sum(p.numel() for p in encoder.parameters()) == summary["total_parameters"]
     with torch.no_grad():
         torch.testing.assert_close(encoder.model(**batch).last_hidden_state, want, rtol=0, atol=0)
-    # any tool reads the dense reconstruction
-    plain = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+    # no dense MLP weight on disk; materialize() gives other tools a dense model
+    stored = safe_open_keys(folder / "model.safetensors")
+    assert not any(
+        k.endswith(("intermediate.dense.weight", "output.dense.weight")) and "attention" not in k
+        for k in stored
+    )
+    dense = materialize(encoder.model).eval()
+    assert isinstance(dense.encoder.layer[1].output.dense, torch.nn.Linear)
     with torch.no_grad():
-        torch.testing.assert_close(plain(**batch).last_hidden_state, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dense(**batch).last_hidden_state, want, rtol=1e-5, atol=1e-5)
     # the training pipeline's factory: encoder.name_or_path=FOLDER
     texts = tmp_path / "texts.txt"
     texts.write_text("the cat\n")
@@ -380,3 +392,38 @@ def test_cli_from_a_run_with_end_to_end_finetuning(tmp_path):
     layer = encoder.model.encoder.layer[0].intermediate.dense
     assert int((layer.factor() == 0).sum()) == round(0.5 * layer.factor().numel())
     np.testing.assert_equal(summary["structure"]["groups"], [[0, 1]])
+
+
+def test_inference_runs_sparse_dense_products_equal_to_the_dense_factor_path(tmp_path, monkeypatch):
+    """With ``sparse_products`` and without gradients on CPU the MLPs multiply by the CSR factors (V is
+    never densified); the output matches the default path's, which rebuilds V densely; a folder of format
+    1 (dense products stored too) still loads."""
+    from safetensors.torch import save_file
+
+    from xmc.encoders import TransformerEncoder
+    from xmc.fips import FIPS_FILE, FIPS_KEY, fips_state
+
+    model, folder, _, tokenizer = _save(tmp_path)
+    batch = _batch(tokenizer)
+    with torch.enable_grad():
+        want = model(**batch).last_hidden_state.detach()  # values require grad: the dense-factor path
+
+    def densified(self):
+        raise AssertionError("V was densified on the inference path")
+
+    monkeypatch.setattr(FipsLinear, "sparse_products", True)
+    monkeypatch.setattr(FipsLinear, "factor", densified)
+    with torch.no_grad():
+        got = model(**batch).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+
+    old = tmp_path / "format1"
+    dense = materialize(model)
+    setattr(dense.config, FIPS_KEY, getattr(model.config, FIPS_KEY))
+    dense.save_pretrained(str(old))
+    save_file(fips_state(model), str(old / FIPS_FILE))
+    loaded = TransformerEncoder.from_pretrained(old).eval()
+    assert isinstance(loaded.model.encoder.layer[0].intermediate.dense, FipsLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(**batch).last_hidden_state, want, rtol=1e-5, atol=1e-5)

@@ -78,3 +78,52 @@ def test_the_key_covers_the_tokenizer_definition(tmp_path, tokenizer):
     a = tokenize_cached(lambda: ["the cat"], tokenizer, 8, [source], progress=False)
     b = tokenize_cached(lambda: ["the cat"], other, 8, [source], progress=False)
     assert a["input_ids"] != b["input_ids"]
+
+
+def test_parallel_map_gives_the_tokenizers_ids_and_the_cache_is_reused(tmp_path, tokenizer, monkeypatch):
+    """Two processes (``Dataset.map(num_proc=2)``) give the ids of one plain tokenizer call, in order, in
+    two shards read back as one dataset; a second call reads them without tokenizing."""
+    from xmc.data import tokenized
+
+    monkeypatch.setattr(tokenized, "_MIN_DOCS_PER_PROC", 1)
+    monkeypatch.setattr(tokenized, "_BATCH_DOCS", 3)
+    words = WORDS[5:]
+    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(i % 9)) for i in range(41)]
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(texts))
+    want = tokenizer(texts, truncation=True, max_length=7)["input_ids"]
+    two = tokenize_cached(lambda: texts, tokenizer, 7, [source], progress=False, num_proc=2)
+    assert two["input_ids"] == want
+    assert len(two.cache_files) == 2  # one Arrow file per process
+
+    def fail():
+        raise AssertionError("texts must not be read on a cache hit")
+
+    again = tokenize_cached(fail, tokenizer, 7, [source], progress=False, num_proc=1)
+    assert again["input_ids"] == want and again.cache_files == two.cache_files
+    one = tokenize_cached(lambda: texts, tokenizer, 7, [source], variant="1", progress=False, num_proc=1)
+    assert one["input_ids"] == want and len(one.cache_files) == 1
+
+
+def test_an_interrupted_tokenization_leaves_nothing_that_is_read_later(tmp_path, tokenizer, monkeypatch):
+    """Ctrl-C in the middle of tokenizing leaves no cache entry (nor its partial folder); the next call
+    tokenizes everything again."""
+    from xmc.data import tokenized
+
+    monkeypatch.setattr(tokenized, "_BATCH_DOCS", 2)
+    source = tmp_path / "texts.txt"
+    texts = ["the cat", "the dog", "sat on", "the mat", "cats"]
+    source.write_text("\n".join(texts))
+
+    class Interrupting(CountingTokenizer):
+        def __call__(self, *args, **kwargs):
+            if self.calls == 1:
+                raise KeyboardInterrupt
+            return super().__call__(*args, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_cached(lambda: texts, Interrupting(tokenizer), 8, [source], progress=False, num_proc=1)
+    assert not any(tokenized.cache_dir("tokenized").iterdir())
+    counting = CountingTokenizer(tokenizer)
+    whole = tokenize_cached(lambda: texts, counting, 8, [source], progress=False, num_proc=1)
+    assert counting.calls == 3 and whole["input_ids"] == tokenizer(texts)["input_ids"]

@@ -13,9 +13,6 @@ collectives of uneven parts pad to the largest one. Collectives:
 - :class:`AllGatherRows` (autograd): the (n, D) batch from each rank's (n_r, D) rows; backward sums
   d(loss)/d(batch) over ranks and keeps the rank's own rows (label sharding: each rank's loss over its
   labels reads every row);
-- :func:`all_reduce_` sums tensors in place, small ones packed into buckets of ``BUCKET_BYTES``;
-- :func:`sync_gradients_` sums the gradients of replicated parameters (a parameter without a
-  gradient on every rank keeps none, as in a single process, so AdamW leaves it alone);
 - :func:`gather_to_main` brings label shards to rank 0's CPU one rank at a time (checkpoints), so no
   device ever holds more than its own shard and one other.
 """
@@ -31,7 +28,6 @@ import torch.distributed as dist
 
 from xmc.classifiers.base import shard_range
 
-BUCKET_BYTES = 32 * 2**20  # gradients smaller than this are summed packed together, one call per bucket
 TIMEOUT = datetime.timedelta(minutes=30)  # a collective waits this long for a slow rank (e.g. a checkpoint)
 # Dtypes gloo does not reduce or send; they travel as int32.
 _WIRE = {torch.int8: torch.int32, torch.int16: torch.int32, torch.uint8: torch.int32, torch.bool: torch.int32}
@@ -136,62 +132,6 @@ def broadcast_(place: Dist, tensors: list[torch.Tensor]) -> None:
         if wire.data_ptr() != t.data_ptr():
             with torch.no_grad():
                 t.copy_(wire)
-
-
-def all_reduce_(place: Dist, tensors: list[torch.Tensor], op=dist.ReduceOp.SUM) -> None:
-    """Reduce ``tensors`` over ranks in place (contiguous, same list on every rank). Tensors of at
-    least ``BUCKET_BYTES`` go alone; smaller ones are packed by dtype into buckets of about that size,
-    one collective per bucket (a bucket's copy is the only extra memory)."""
-    if not place.active:
-        return
-    bucket: list[torch.Tensor] = []
-
-    def flush() -> None:
-        if not bucket:
-            return
-        flat = torch.cat([_to_wire(t).reshape(-1) for t in bucket])
-        dist.all_reduce(flat, op=op)
-        offset = 0
-        for t in bucket:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-        bucket.clear()
-
-    size = 0
-    for t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if nbytes >= BUCKET_BYTES or t.dtype in _WIRE or not t.is_contiguous():
-            wire = _to_wire(t).contiguous()
-            dist.all_reduce(wire, op=op)
-            if wire.data_ptr() != t.data_ptr():
-                t.copy_(wire)
-            continue
-        if bucket and (size + nbytes > BUCKET_BYTES or t.dtype != bucket[0].dtype):
-            flush()
-            size = 0
-        bucket.append(t)
-        size += nbytes
-    flush()
-
-
-def sync_gradients_(place: Dist, params: list[torch.nn.Parameter]) -> None:
-    """Sum the gradients of ``params`` (the same list on every rank) over ranks, in place.
-
-    A rank that saw no example for a parameter (its slice of the batch was empty) contributes zeros;
-    a parameter without a gradient on every rank keeps ``None``, as in a single process."""
-    if not place.active or not params:
-        return
-    device = params[0].device
-    present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
-    dist.all_reduce(present, op=dist.ReduceOp.MAX)
-    grads = []
-    for p, anywhere in zip(params, present.tolist(), strict=True):
-        if not anywhere:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    all_reduce_(place, grads)
 
 
 def sum_scalar(place: Dist, value: torch.Tensor) -> torch.Tensor:

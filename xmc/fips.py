@@ -22,11 +22,20 @@ Forward of a compressed linear, x (T, D) or h (T, I), never forming the D x I we
     first linear:  y = (x U) V_j + b           (T, r), then (T, I)
     second linear: y = (h V_j^T) U^T + b       (T, r), then (T, D)
 
-The factors are fitted in :mod:`xmc.fips_fit`. A compressed model is saved as a standard Hugging Face
-folder whose MLP weights are the dense products (any tool loads it), whose ``config.json`` carries the
-structure under ``xmc_fips``, plus ``fips.safetensors`` (the base and factors) and ``fips.json`` (the
-summary). :class:`xmc.encoders.TransformerEncoder` sees ``xmc_fips`` and swaps the compressed linears
-back in, so training keeps the compressed parameters.
+Every forward rebuilds V densely, (r, I) per layer, from its CSR (differentiable in its values; the
+pattern stays fixed), never the (D, I) weight. ``FipsLinear.sparse_products = True`` instead multiplies
+by the CSR factor itself (``torch.sparse``) when no gradient is wanted on CPU, so V never exists densely;
+it is off by default because on a 2-core CPU it made MiniLM's forward 4-9x slower without lowering peak
+memory (``benchmarks/bench_fips_memory.py``; the (r, I) rebuilt factor is about 2 MB per layer there).
+
+The factors are fitted in :mod:`xmc.fips_fit`. A compressed model is saved as a Hugging Face folder whose
+``config.json`` carries the structure under ``xmc_fips`` and whose ``model.safetensors`` holds every weight
+but the compressed MLP weights, plus ``fips.safetensors`` (the bases, the factors' CSR and the MLP
+biases) and ``fips.json`` (the summary): no dense MLP weight is stored. :func:`load_model` lets
+``transformers`` load ``model.safetensors`` (it initializes the absent MLP weights, dropped at once),
+swaps the compressed linears in and assigns ``fips.safetensors`` to them (folders of format 1, which also
+stored the dense products, still load). Plain ``transformers`` does not know the layout:
+``materialize`` gives a dense model for other tools.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +55,7 @@ from torch import nn
 FIPS_KEY = "xmc_fips"  # config.json entry that marks a FiPS model and gives its structure
 FIPS_FILE = "fips.safetensors"
 SUMMARY_FILE = "fips.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: model.safetensors without the compressed MLP weights (1 stored their dense products)
 
 
 @dataclass(frozen=True)
@@ -144,6 +154,8 @@ class FipsLinear(nn.Module):
     reads it through an unregistered reference.
     """
 
+    sparse_products = False  # multiply by the CSR factor without densifying it (module docstring)
+
     def __init__(
         self, bases: nn.ParameterList, group: int, kind: str, nnz: int, width: int, bias: bool
     ) -> None:
@@ -194,9 +206,41 @@ class FipsLinear(nn.Module):
         product = self.base @ self.factor()  # (D, I)
         return product.t() if self.kind == "first" else product
 
+    def sparse_factor(self) -> torch.Tensor:
+        """V as a ``torch.sparse_csr_tensor`` (r, I) over this layer's own values and pattern."""
+        rank = self.crow.numel() - 1
+        with warnings.catch_warnings():  # "sparse CSR support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(
+                self.crow, self.cols.to(torch.int32), self.values, (rank, self.width), check_invariants=False
+            )
+
+    def _sparse_path(self, x: torch.Tensor) -> bool:
+        """Sparse products: switched on, no gradient wanted, CPU, x in the layer's dtype (no autocast)."""
+        if not self.sparse_products:
+            return False
+        wants_grad = torch.is_grad_enabled() and (self.values.requires_grad or self.base.requires_grad)
+        return (
+            not wants_grad
+            and x.device.type == "cpu"
+            and x.dtype == self.values.dtype
+            and not torch.is_autocast_enabled("cpu")
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base, factor = self.base, self.factor()
-        y = (x @ base) @ factor if self.kind == "first" else (x @ factor.t()) @ base.t()
+        """(..., in_features) -> (..., out_features)."""
+        base = self.base
+        if self._sparse_path(x):
+            lead, flat = x.shape[:-1], x.reshape(-1, x.shape[-1])  # (T, D) or (T, I)
+            factor = self.sparse_factor()
+            if self.kind == "first":
+                y = (flat @ base) @ factor  # (T, r) @ CSR (r, I)
+            else:
+                y = torch.sparse.mm(factor, flat.t()).t() @ base.t()  # (CSR (r, I) @ (I, T))^T @ (r, D)
+            y = y.reshape(*lead, y.shape[-1])
+        else:
+            factor = self.factor()
+            y = (x @ base) @ factor if self.kind == "first" else (x @ factor.t()) @ base.t()
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
@@ -254,24 +298,41 @@ def fips_state(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def load_fips(model: nn.Module, folder: str | os.PathLike) -> None:
-    """Attach the FiPS layers that ``model.config.xmc_fips`` describes and load them from
-    ``folder/fips.safetensors``."""
+def load_model(folder: str | os.PathLike) -> nn.Module:
+    """The Hugging Face base model saved in ``folder`` by :func:`save_compressed`, its MLPs as
+    :class:`FipsLinear` layers. ``transformers`` loads ``model.safetensors`` (everything but the
+    compressed weights; it initializes the absent dense MLP weights, which are dropped at once), then the
+    FiPS layers are attached and ``fips.safetensors`` assigned to them; dense MLP weights are never read."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    folder = Path(folder)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the absent MLP weights are expected: no "newly initialized" report
+    try:
+        model = AutoModel.from_pretrained(str(folder), local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    attach_fips(model, getattr(model.config, FIPS_KEY))
+    model.load_state_dict(_check_fips_file(folder, model), strict=False, assign=True)
+    return model
+
+
+def _check_fips_file(folder: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    path = Path(folder) / FIPS_FILE
+    path = folder / FIPS_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"{folder}: config.json marks a FiPS-compressed model but {FIPS_FILE} is missing; copy the "
             "whole folder written by xmc compress-encoder"
         )
-    attach_fips(model, getattr(model.config, FIPS_KEY))
     tensors = load_file(str(path))
     expected = set(fips_state(model))
     if set(tensors) != expected:
         odd = sorted(expected.symmetric_difference(tensors))[:3]
         raise ValueError(f"{path} does not match the structure in config.json (keys {odd})")
-    model.load_state_dict(tensors, strict=False)
+    return tensors
 
 
 def materialize(model: nn.Module) -> nn.Module:
@@ -332,20 +393,20 @@ def describe(model: nn.Module) -> dict:
 
 
 def save_compressed(model: nn.Module, tokenizer, folder: str | os.PathLike, summary: dict) -> dict:
-    """Write ``folder``: the dense reconstruction as a Hugging Face model (``config.json`` with
-    ``xmc_fips``, ``model.safetensors``), the tokenizer, ``fips.safetensors`` and ``fips.json``
-    (``summary`` plus :func:`describe`). Returns what ``fips.json`` holds."""
+    """Write ``folder``: ``config.json`` (with ``xmc_fips``) and ``model.safetensors`` holding every
+    weight but the compressed ones, the tokenizer, ``fips.safetensors`` (bases, factors, MLP biases)
+    and ``fips.json`` (``summary`` plus :func:`describe`). Returns what ``fips.json`` holds."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     structure = getattr(model.config, FIPS_KEY)
-    dense = materialize(model)
-    setattr(dense.config, FIPS_KEY, structure)
-    dense.save_pretrained(str(folder))
+    compressed = fips_state(model)
+    rest = {k: v for k, v in model.state_dict().items() if k not in compressed}
+    model.save_pretrained(str(folder), state_dict=rest)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
-    save_file(fips_state(model), str(folder / FIPS_FILE), metadata={"format": f"xmc-fips-{FORMAT_VERSION}"})
+    save_file(compressed, str(folder / FIPS_FILE), metadata={"format": f"xmc-fips-{FORMAT_VERSION}"})
     full = {"method": "fips", "version": FORMAT_VERSION, **summary, "structure": structure, **describe(model)}
     (folder / SUMMARY_FILE).write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
     return full

@@ -112,24 +112,35 @@ def _spec_from_folder(path: Path) -> EncoderSpec:
         positions=get("max_position_embeddings", default=512),
         token_types=get("type_vocab_size", default=0),
     )
-    weights = path / "model.safetensors"
-    if weights.is_file():
-        spec = replace(spec, params=_safetensors_count(weights))
+    weights, compressed = path / "model.safetensors", path / "fips.safetensors"
     fips = cfg.get("xmc_fips")
-    if fips:  # MLPs compressed by FiPS (xmc.fips): shared bases and factor nonzeros replace the dense weights
+    if fips and weights.is_file() and compressed.is_file():
+        # FiPS (xmc.fips): the compressed MLPs' floating tensors (bases, factor values, biases) from
+        # fips.safetensors, everything else from model.safetensors (which, in format 1, also held the
+        # dense MLP products: left out)
+        extra = _safetensors_header(compressed)
+        mlps = {key[: key.rfind(".") + 1] for key in extra if not key.startswith("fips_bases.")}
+        rest = {k: v for k, v in _safetensors_header(weights).items() if k[: k.rfind(".") + 1] not in mlps}
+        floating = {k: v for k, v in extra.items() if v["dtype"] in ("F64", "F32", "F16", "BF16")}
+        return replace(spec, params=_count(rest) + _count(floating))
+    if weights.is_file():
+        spec = replace(spec, params=_count(_safetensors_header(weights)))
+    if fips:  # MLPs compressed by FiPS: shared bases and factor nonzeros replace the dense weights
         dense = 2 * spec.layers * spec.hidden * spec.intermediate
         shared = sum(hidden * r for r in fips["ranks"]) + sum(map(sum, fips["nnz"]))
         spec = replace(spec, params=spec.num_parameters() - dense + shared)
     return spec
 
 
-def _safetensors_count(path: Path) -> int:
-    """Parameters in a safetensors file, from its header alone (the pooler excluded)."""
+def _safetensors_header(path: Path) -> dict[str, dict]:
+    """The tensors' entries (``dtype``, ``shape``) of a safetensors file, read from its header alone."""
     with open(path, "rb") as handle:
         (size,) = struct.unpack("<Q", handle.read(8))
         header = json.loads(handle.read(size))
-    return sum(
-        math.prod(entry["shape"])
-        for key, entry in header.items()
-        if key != "__metadata__" and "pooler" not in key
-    )
+    header.pop("__metadata__", None)
+    return header
+
+
+def _count(entries: dict[str, dict]) -> int:
+    """Parameters of header entries (the pooler excluded: the encoder drops it)."""
+    return sum(math.prod(entry["shape"]) for key, entry in entries.items() if "pooler" not in key)

@@ -103,13 +103,14 @@ class TransformerEncoder(Encoder):
         gradient_checkpointing: bool = False,
     ) -> TransformerEncoder:
         """Load the weights saved in the local folder ``path`` (see :func:`resolve_model_path`)."""
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
 
-        model = AutoModel.from_pretrained(str(path), local_files_only=True)
-        if getattr(model.config, "xmc_fips", None):  # MLPs compressed by `xmc compress-encoder`
-            from xmc.fips import load_fips
+        if getattr(AutoConfig.from_pretrained(str(path), local_files_only=True), "xmc_fips", None):
+            from xmc.fips import load_model  # MLPs compressed by `xmc compress-encoder`: no dense weights
 
-            load_fips(model, path)
+            model = load_model(path)
+        else:
+            model = AutoModel.from_pretrained(str(path), local_files_only=True)
         # Checkpoints saved in half precision would otherwise train in it (transformers 5 keeps
         # the stored dtype); mixed precision is the training loop's business, via autocast.
         if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):

@@ -289,7 +289,7 @@ def train(
                 loss_sum = torch.zeros((), device=device)
                 for micro in window:
                     local = order[micro * t.batch_size : (micro + 1) * t.batch_size]
-                    mine = local[par.rows(len(local))]  # this rank's part of the (global) micro-batch
+                    mine = local[par.batch_rows(len(local))]  # this rank's part of the (global) micro-batch
                     batch = {
                         k: v.to(device, non_blocking=True)
                         for k, v in train_inputs.batch(train_split.rows[mine]).items()
@@ -297,7 +297,8 @@ def train(
                     positives = Positives.from_csr(train_split.Y[mine], device=device)
                     lam = meta_weight_fn(pos.epoch + micro / micro_per_epoch) if meta_weight_fn else 0.0
                     keep = micro == window[-1] and rewiring.wants_batch()  # for gradient regrowth
-                    with rewiring.capture(positives) if keep else contextlib.nullcontext():
+                    capture = rewiring.capture(positives) if keep else contextlib.nullcontext()
+                    with capture, par.no_sync(last=micro == window[-1]):  # DDP: reduce on the last only
                         with autocast(device, precision):
                             loss = par.loss(model, batch, positives, train_split.Y, local, t.loss, lam)
                         if loss is not None:  # None: no rows of this micro-batch on this rank
@@ -305,7 +306,6 @@ def train(
                             scaler.scale(loss).backward()
                             loss_sum += loss.detach()
                     examples += len(local)
-                par.reduce_gradients(model)  # several ranks: sum the replicated parameters' gradients
                 if step_hook is not None:
                     step_hook(model, pos.step, optimizers, scaler)
                 for o in optimizers:
@@ -373,6 +373,8 @@ def train(
                         "train_loss": float(epoch_loss) / max(pos.epoch_steps, 1),
                     }
                 )
+                if rewiring:  # SET rewirings so far, every fixed fan-in layer (plots mark them per epoch)
+                    pos.history[-1]["rewirings"] = sum(s["rewirings"] for s in rewiring.state_dict().values())
                 epoch_loss, pos.epoch_steps = torch.zeros_like(epoch_loss), 0
                 log.info(
                     "epoch %d/%d: step %d, train loss %.4g",

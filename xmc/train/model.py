@@ -83,6 +83,11 @@ class XMCModel(nn.Module):
         # The anchors train the meta head with BCE whatever the main loss.
         return (1 - meta_weight) * main + meta_weight * self.meta.loss(h, positives, "bce")
 
+    def forward(self, batch, positives: Positives, kind: str, meta_weight: float = 0.0) -> torch.Tensor:
+        """:meth:`loss`: the forward ``DistributedDataParallel`` wraps, so it sees every parameter the
+        loss uses (the classifiers' fused, chunked loss functions included)."""
+        return self.loss(batch, positives, kind, meta_weight)
+
     @torch.no_grad()
     def topk(self, batch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.classifier.topk(self.represent(batch), k)

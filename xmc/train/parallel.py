@@ -4,18 +4,29 @@ Every micro-batch of ``train.batch_size`` documents is the *global* batch: each 
 near-equal part of it. Optimizer steps, schedules, SET rewirings and checkpoints are therefore those of
 one process on the same batches, whatever the world size, and a checkpoint resumes at any world size.
 
-- ``data``: the model is replicated. Each rank runs its rows through the whole model; its loss is
-  weighted by its share of the rows (n_r / n), so the gradients summed over ranks are the gradients
-  of the single-process loss, uneven last batch included. Summed once per optimizer step, before
-  unscaling and clipping; every rank then takes the same step and the same SET rewiring.
+- ``data``: the model is replicated and wrapped in ``torch.nn.parallel.DistributedDataParallel``, whose
+  forward is :meth:`XMCModel.forward` (the loss), so DDP sees every parameter the loss uses, custom
+  autograd functions of the classifiers included, and sums gradient buckets while backward still
+  runs. Each rank's loss is weighted by its share of the rows (n_r / n) and DDP's reduction is a sum
+  (:func:`_sum_hook`, not DDP's mean), so the summed gradients are those of the single-process loss,
+  uneven last batch included. Micro-batches of an accumulation window but the last run under
+  ``no_sync``: one reduction per optimizer step, before unscaling and clipping; every rank then takes
+  the same step and the same SET rewiring. A rank with no rows of a micro-batch (an uneven last batch)
+  runs a stand-in row weighted 0, so it joins the reduction with zero gradients. DDP syncs no buffers
+  (``broadcast_buffers=False``): fixed fan-in ids are rewired identically on every rank from keyed
+  randomness, and a broadcast per forward would only cost time (gloo cannot even send int16).
 - ``labels``: the classifier is split into contiguous label shards (``Classifier.shard``; RPS keeps its
   whole shared array on every rank), everything else is replicated. Each rank encodes its rows, the
   (n, D) classifier input is all-gathered, and each rank computes the loss terms of its labels over
   all n rows, weighted by its share of the labels (L_r / L): the shares sum to the single-process
-  mean over n x L pairs. The input gradient is summed back to the rows' owners; replicated
-  parameters (encoder, intermediate layer, meta head, RPS array) have their gradients summed, label
-  shards keep theirs. Gradient clipping uses the norm over all shards. Top-k merges every rank's
-  top-k lists (ties to the lower label id). Per-rank classifier memory falls as 1 / world size.
+  mean over n x L pairs. The input gradient is summed back to the rows' owners (a hand-written
+  collective, :class:`~xmc.distributed.AllGatherRows`: no library shards an output layer by label);
+  replicated parameters (encoder, intermediate layer, meta head, RPS array) are DDP's, label shards
+  are left out of it (``_set_params_and_buffers_to_ignore_for_model``) and keep their gradients.
+  DDP reduces over a process group of its own, so its asynchronous bucket reductions never interleave
+  with the all-reduce that the gathered rows' backward runs on the default group. Gradient clipping
+  uses the norm over all shards. Top-k merges every rank's top-k lists (ties to the lower label id).
+  Per-rank classifier memory falls as 1 / world size.
 
 Checkpoints are written once, by rank 0, in the whole-label layout a single process writes (label
 shards and their optimizer state gathered), so they load at any world size; a shard reads only its
@@ -24,8 +35,13 @@ rows. At world size 1 every method here is the single-process path.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from xmc.distributed import (
     AllGatherRows,
@@ -35,7 +51,6 @@ from xmc.distributed import (
     gather_rows,
     gather_to_main,
     sum_scalar,
-    sync_gradients_,
 )
 from xmc.losses import Positives
 from xmc.topk import topk_merge_lists_torch
@@ -55,6 +70,7 @@ class Parallel:
         self.num_labels = 0  # the whole classifier's labels (label sharding)
         self.device = torch.device("cpu")
         self.encoder_trains = True
+        self.ddp: DistributedDataParallel | None = None  # data parallel over several ranks: the wrapped model
 
     @property
     def active(self) -> bool:
@@ -88,6 +104,12 @@ class Parallel:
         label = self._label_tensor_ids(model)
         tensors = [t for t in list(model.parameters()) + list(model.buffers()) if id(t) not in label]
         broadcast_(self.place, tensors)
+        if self.active and any(p.requires_grad and id(p) not in label for p in model.parameters()):
+            if self.sharded:  # DDP over the replicated parts; the label shards are this module's
+                ignore = [f"model.{name}" for name in self.label_state_names(model)]
+                self.ddp = wrap_ddp(_ShardedLoss(model, self), device, ignore, dist.new_group())
+            else:
+                self.ddp = wrap_ddp(model, device)
         return model
 
     # ---- one micro-batch -------------------------------------------------------------------------
@@ -95,6 +117,22 @@ class Parallel:
     def rows(self, n: int) -> slice:
         """This rank's rows of a micro-batch of ``n`` documents."""
         return self.place.part(n)
+
+    def batch_rows(self, n: int) -> slice:
+        """The rows this rank runs through the model: its own (:meth:`rows`), or under DDP, when it has
+        none, in data parallel, the first row as a stand-in that :meth:`loss` weights 0 (DDP needs
+        every rank's backward)."""
+        part = self.rows(n)
+        if self.ddp is not None and not self.sharded and part.start == part.stop:
+            return slice(0, 1)
+        return part
+
+    def no_sync(self, last: bool):
+        """Context for the forward and backward of one micro-batch: under DDP, all micro-batches of an
+        accumulation window but the ``last`` accumulate locally (``DistributedDataParallel.no_sync``)."""
+        if self.ddp is None or last:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
 
     def loss(
         self,
@@ -105,19 +143,26 @@ class Parallel:
         rows: np.ndarray,
         kind: str,
         lam: float,
-    ) -> torch.Tensor | None:
+    ) -> torch.Tensor:
         """This rank's share of the mean loss of a micro-batch; the shares sum to the single-process loss.
 
         ``batch`` and ``positives``: the encoder inputs and labels of this rank's rows (:meth:`rows`,
         possibly none); ``Y[rows]``: CSR (n, L) labels of the whole micro-batch (the same on every rank;
-        sliced only under label sharding). None when this rank has nothing to compute (data parallel, no
-        rows)."""
+        sliced only under label sharding). Under DDP (several ranks) the loss goes through the DDP
+        wrapper's forward, which prepares the reduction of this micro-batch's backward."""
         place, n = self.place, len(rows)
-        count = positives.batch_size
         if not self.sharded:
             if not place.active:
                 return model.loss(batch, positives, kind, lam)
-            return model.loss(batch, positives, kind, lam) * (count / n) if count else None
+            own = place.sizes(n)[place.rank]  # 0 for a stand-in row (:meth:`batch_rows`)
+            return self.ddp(batch, positives, kind, lam) * (own / n)
+        if self.ddp is not None:
+            return self.ddp(batch, positives, Y, rows, kind, lam)
+        return self.sharded_loss(model, batch, positives, Y, rows, kind, lam)
+
+    def sharded_loss(self, model, batch, positives: Positives, Y, rows: np.ndarray, kind: str, lam: float):
+        """:meth:`loss` under label sharding (the forward of :class:`_ShardedLoss`)."""
+        place, n, count = self.place, len(rows), positives.batch_size
         classifier = model.classifier
         h = model.represent(batch)  # (count, D), possibly no rows: its backward still joins the reduce
         if not count and self.encoder_trains and not h.requires_grad:
@@ -134,14 +179,6 @@ class Parallel:
         return (1 - lam) * main + lam * meta
 
     # ---- one optimizer step ----------------------------------------------------------------------
-
-    def reduce_gradients(self, model) -> None:
-        """Sum the gradients of replicated parameters over ranks (all of them, in data parallel)."""
-        if not self.place.active:
-            return
-        label = self._label_tensor_ids(model)
-        params = [p for group in model.parameter_groups() for p in group if id(p) not in label]
-        sync_gradients_(self.place, params)
 
     def clip_grad_norm_(self, model, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over the whole model: under label sharding the norm
@@ -318,6 +355,49 @@ class Parallel:
         label = {id(p) for p in model.classifier.label_parameters()}
         params = [p for group in optimizer.param_groups for p in group["params"]]
         return [(i, p) for i, p in enumerate(params) if id(p) in label]
+
+
+def _sum_hook(group, bucket):
+    """DDP communication hook: sum a ``dist.GradBucket`` over ranks; a future of the summed buffer.
+    (DDP's own hook averages; the ranks' losses are already weighted by their share of the rows.
+    No annotations: DDP checks them, and this module's postponed annotations are strings.)"""
+    work = dist.all_reduce(bucket.buffer(), group=group or dist.group.WORLD, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+class _ShardedLoss(torch.nn.Module):
+    """The label-sharded loss as a module whose forward DDP wraps (:meth:`Parallel.sharded_loss`)."""
+
+    def __init__(self, model, par: Parallel) -> None:
+        super().__init__()
+        self.model, self.par = model, par
+
+    def forward(self, batch, positives, Y, rows, kind: str, lam: float) -> torch.Tensor:
+        return self.par.sharded_loss(self.model, batch, positives, Y, rows, kind, lam)
+
+
+def wrap_ddp(model, device: torch.device, ignore=(), group=None) -> DistributedDataParallel:
+    """``model`` (an :class:`~xmc.train.model.XMCModel` on ``device``, the same on every rank, or a
+    :class:`_ShardedLoss`) in ``DistributedDataParallel`` over ``group`` (default: every rank) with a
+    summing reduction and no buffer sync; ``ignore``: names of the tensors DDP leaves alone (label
+    shards).
+
+    ``find_unused_parameters``: some parameters get no gradient in some steps (the meta head once its
+    weight has decayed to 0, a transformer's unused pooler); DDP then leaves their gradient ``None`` on
+    every rank, as a single process does, so AdamW leaves them alone."""
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
+    with warnings.catch_warnings():  # torch >= 2.13 deprecates broadcast_buffers; its replacement
+        warnings.simplefilter("ignore", FutureWarning)  # still syncs buffers at init
+        ddp = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=True,
+            process_group=group,
+        )
+    ddp.register_comm_hook(group, _sum_hook)
+    return ddp
 
 
 def _square_norm(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:

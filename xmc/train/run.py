@@ -304,11 +304,30 @@ def _run(config: Config, run: Path, place, par, device, resume, progress, step_h
     )
     if place.is_main:
         _write_json(run / "metrics.json", results)
+        _plots(run, results, data, ids if "test" in data.splits else None)
         _report(run, results)
     distributed.barrier(place)
     if owns_group:
         distributed.shutdown()
     return results
+
+
+def _plots(run: Path, results: dict, data, ids: np.ndarray | None) -> None:
+    """``plots/overview.png``: the test P@k by label-frequency decile and the training curves
+    (:mod:`xmc.plots`); skipped with one log line when matplotlib is not installed."""
+    from xmc.plots import PlotUnavailable, RunPicture, decile_precision, plot_runs
+
+    deciles = None
+    if ids is not None:
+        test = data.splits["test"]
+        deciles = decile_precision(test.Y, ids, data.splits["train"].Y, exclude=test.exclude)
+    (run / "plots").mkdir(exist_ok=True)
+    try:
+        plot_runs([RunPicture(run.name, deciles, results["history"])], run / "plots" / "overview.png")
+    except PlotUnavailable as err:
+        log.info("no plots/: %s", err)
+    except ValueError as err:  # nothing to draw: a picture is no reason to fail a finished run
+        log.warning("no plots/overview.png: %s", err)
 
 
 def _check_parallel(config: Config) -> None:
