@@ -35,6 +35,8 @@ def classifier_state_bytes(config: Config, in_features: int, num_labels: int) ->
     from xmc.classifiers import DenseClassifier, FixedFanInClassifier
 
     options = {"batch_size": config.train.batch_size, "optimizer": config.train.classifier_optimizer}
+    if config.train.classifier_state == "bf16":  # as xmc.memory: bf16 weights, gradients and moments
+        options.update(param_bytes=2, optimizer="adamw-bf16")
     if config.classifier.type == "fixed_fanin":
         parts = FixedFanInClassifier.state_bytes(
             in_features, num_labels, fan_in=config.classifier.fan_in, **options
@@ -60,6 +62,7 @@ def row_of(name: str, config: Config, metrics: dict) -> dict:
         "ngrams": config.encoder.ngrams,
         "vocab_size": config.encoder.vocab_size,
         "fan_in": config.classifier.fan_in if config.classifier.type == "fixed_fanin" else None,
+        "classifier_state": config.train.classifier_state,
         **{key: round(100 * dev[key], 2) for key in ("P@1", "P@3", "P@5", "nDCG@5", "RP@5", "PSP@5")},
         "carved_dev_P@1": round(100 * carved["P@1"], 2) if carved else None,
         "epochs": metrics["epochs"],
