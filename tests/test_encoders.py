@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import torch
 
 from xmc.cli import main
-from xmc.config import EncoderConfig
+from xmc.config import ConfigError, EncoderConfig, load_config
 from xmc.encoders import (
     BowEncoder,
     BowInputs,
@@ -31,6 +31,7 @@ from xmc.encoders import (
     resolve_model_path,
     tfidf,
 )
+from xmc.encoders.bow import terms
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "dog", "##s", "a"]
 
@@ -130,6 +131,38 @@ def test_vocabulary_rules_and_counts():
     X = count_matrix(["the cat, the Cat", "", "dog the"], ["cat", "the"])
     assert X.dtype == np.float32 and X.shape == (3, 2)
     np.testing.assert_array_equal(X.toarray(), [[2, 2], [0, 0], [0, 1]])  # unknown words dropped
+
+
+def test_bigram_vocabulary_min_df_cap_order_and_sublinear_tf():
+    texts = ["Member states shall", "member states may", "the states shall", "shall member"]
+    assert terms(texts[0], 2) == ["member", "states", "shall", "member states", "states shall"]
+    # document frequencies, checked by hand:
+    #   words:   member 3, states 3, shall 3, may 1, the 1
+    #   bigrams: "member states" 2, "states shall" 2, "states may" 1, "the states" 1, "shall member" 1
+    kept = build_vocabulary(lambda: texts, [], vocab_size=10, min_df=2, ngrams=2)
+    assert kept == ["member", "shall", "states", "member states", "states shall"]
+    # the cap keeps the highest df first, ties to the smaller term ("member states" < "states shall")
+    assert build_vocabulary(lambda: texts, [], vocab_size=4, min_df=2, ngrams=2) == kept[:4]
+    assert build_vocabulary(lambda: texts, [], vocab_size=10, min_df=3, ngrams=2) == kept[:3]
+    # ngrams=1 is the word vocabulary of before
+    assert build_vocabulary(lambda: texts, [], vocab_size=10, min_df=2) == kept[:3]
+
+    # counts: the n-gram order comes from the vocabulary; "states states" is not in it
+    X = count_matrix(["member states, member states states", "nothing here"], kept)
+    np.testing.assert_array_equal(X.toarray(), [[2, 0, 3, 2, 0], [0, 0, 0, 0, 0]])
+    # sublinear tf: log1p(tf) * idf, idf = ln((1 + N) / (1 + df)) + 1 over these two rows, then L2
+    idf = fit_idf(X)
+    np.testing.assert_allclose(idf, [math.log(3 / 2) + 1, 0, math.log(3 / 2) + 1, math.log(3 / 2) + 1, 0])
+    row = np.array([math.log(3), 0, math.log(4), math.log(3), 0]) * (math.log(1.5) + 1)
+    np.testing.assert_allclose(tfidf(X, idf).toarray()[0], row / np.linalg.norm(row), rtol=1e-6)
+
+
+def test_ngrams_config_is_validated():
+    with pytest.raises(ConfigError, match="encoder.ngrams"):
+        load_config(None, ["encoder.ngrams=0"])
+    with pytest.raises(ConfigError, match="encoder.ngrams"):
+        load_config(None, ["encoder.ngrams=two"])
+    assert load_config(None, ["encoder.ngrams=2"]).encoder.ngrams == 2
 
 
 def test_vocabulary_cache_hit_and_changed_file(tmp_path):

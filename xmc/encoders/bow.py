@@ -8,9 +8,13 @@ weighted or where IDF over-weights rare words (Bibtex, dense linear model: +0.4 
 features that never occur in the training split get weight 0: their embedding rows would never
 receive a gradient, so they could only add init noise.
 
-Raw text is first turned into counts over a word vocabulary built from the training texts
-(lower-cased ``\\w+`` tokens; the ``vocab_size`` words of highest document frequency with
-``df >= min_df``, ties to the lexicographically smaller word), cached in ``$XMC_CACHE/vocab/``.
+Raw text is first turned into counts over a vocabulary of terms built from the training texts: the
+lower-cased ``\\w+`` words and, with ``encoder.ngrams=n > 1``, the runs of 2..n consecutive words
+(spelled with single spaces, ``"member states"``; scikit-learn's ``ngram_range=(1, n)``). The
+vocabulary keeps the ``vocab_size`` terms of highest document frequency with ``df >= min_df``, ties to
+the lexicographically smaller term (scikit-learn's ``max_features`` ranks by total count instead), and
+is cached in ``$XMC_CACHE/vocab/``. The term-frequency damping is ``log1p(tf)`` (scikit-learn's
+``sublinear_tf`` is ``1 + ln tf``: the same shape, shifted).
 """
 
 from __future__ import annotations
@@ -43,19 +47,39 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def _chunks(texts: Sequence[str]) -> Iterator[list[list[str]]]:
+def terms(text: str, ngrams: int = 1) -> list[str]:
+    """The words of ``text`` (:func:`words`), then its runs of 2..``ngrams`` consecutive words joined by
+    single spaces, each in text order: ``terms("a b c", 2) == ["a", "b", "c", "a b", "b c"]``."""
+    tokens = words(text)
+    out = list(tokens)
+    for n in range(2, ngrams + 1):
+        # zip of n shifted views (ragged on purpose: it stops at the shortest), each tuple joined in C
+        out.extend(map(" ".join, zip(*(tokens[i:] for i in range(n)), strict=False)))
+    return out
+
+
+def ngram_order(vocabulary: Sequence[str]) -> int:
+    """The longest n-gram in ``vocabulary`` (1 for words only): what :func:`count_matrix` must emit."""
+    return 1 + max((term.count(" ") for term in vocabulary), default=0)
+
+
+def _chunks(texts: Sequence[str], ngrams: int = 1) -> Iterator[list[list[str]]]:
     for start in range(0, len(texts), _CHUNK_DOCS):
-        yield [words(t) for t in texts[start : start + _CHUNK_DOCS]]
+        yield [terms(t, ngrams) for t in texts[start : start + _CHUNK_DOCS]]
 
 
-def select_vocabulary(texts: Sequence[str], vocab_size: int, min_df: int) -> list[str]:
-    """The ``vocab_size`` words of highest document frequency with ``df >= min_df``.
+def select_vocabulary(texts: Sequence[str], vocab_size: int, min_df: int, ngrams: int = 1) -> list[str]:
+    """The ``vocab_size`` terms (words, and n-grams up to ``ngrams`` words; see :func:`terms`) of highest
+    document frequency with ``df >= min_df``.
 
-    Ties go to the lexicographically smaller word, so the result depends on the texts alone.
-    Position in the returned list is the feature id.
+    Words and n-grams compete for the same ``vocab_size`` places. Ties go to the lexicographically
+    smaller term, so the result depends on the texts alone. Position in the returned list is the
+    feature id.
     """
+    if ngrams < 1:
+        raise ValueError(f"encoder.ngrams must be at least 1, got {ngrams}")
     df: Counter[str] = Counter()
-    for chunk in _chunks(texts):
+    for chunk in _chunks(texts, ngrams):
         # Counter.update over an iterable counts in C; one set per document gives document frequency.
         df.update(chain.from_iterable(map(set, chunk)))
     kept = [(count, word) for word, count in df.items() if count >= min_df]
@@ -69,6 +93,7 @@ def build_vocabulary(
     vocab_size: int,
     min_df: int,
     variant: str = "",
+    ngrams: int = 1,
 ) -> list[str]:
     """The training vocabulary (see :func:`select_vocabulary`), from the cache when present.
 
@@ -76,7 +101,9 @@ def build_vocabulary(
         texts: called only on a cache miss; the training documents.
         sources: the files the texts come from; their checksums key the cache.
         variant: anything else that shapes ``texts``, part of the key.
+        ngrams: the longest word n-gram kept (1: words only).
     """
+    # ngrams enters the key only above 1, so word vocabularies cached before n-grams stay valid
     key = key_of(
         "bow-vocab",
         _VOCAB_VERSION,
@@ -85,16 +112,17 @@ def build_vocabulary(
         vocab_size,
         min_df,
         _WORD.pattern,
+        *((f"ngrams={ngrams}",) if ngrams > 1 else ()),
     )
     path = cache_dir("vocab") / f"{key}.txt"
     if path.exists():
         log.info("vocabulary from cache %s", path)
-        # Words hold no whitespace, so one per line is unambiguous.
+        # Terms hold no newline (n-grams join words with single spaces), so one per line is unambiguous.
         return path.read_text(encoding="utf-8").split("\n")[:-1]
-    vocabulary = select_vocabulary(texts(), vocab_size, min_df)
+    vocabulary = select_vocabulary(texts(), vocab_size, min_df, ngrams)
     with atomic_open(path) as handle:
         handle.write("".join(f"{w}\n" for w in vocabulary).encode("utf-8"))
-    log.info("vocabulary of %d words cached in %s", len(vocabulary), path)
+    log.info("vocabulary of %d terms cached in %s", len(vocabulary), path)
     return vocabulary
 
 
@@ -106,14 +134,16 @@ class _Index(dict):
 
 
 def count_matrix(texts: Sequence[str], vocabulary: Sequence[str]) -> sp.csr_matrix:
-    """Word counts of ``texts`` over ``vocabulary``: float32 CSR ``(N, len(vocabulary))``.
+    """Term counts of ``texts`` over ``vocabulary``: float32 CSR ``(N, len(vocabulary))``.
 
-    Words outside the vocabulary are dropped; a document without known words is an empty row.
-    Token lookups run through ``map`` and ``np.fromiter`` (C loops), so 50k documents take seconds.
+    The n-gram order comes from the vocabulary itself (:func:`ngram_order`), so a checkpoint's
+    vocabulary alone encodes new text. Terms outside the vocabulary are dropped; a document without
+    known terms is an empty row. Token lookups run through ``map`` and ``np.fromiter`` (C loops), so
+    50k documents take seconds with words; bigrams, with ~1,000 terms a EURLEX document, take minutes.
     """
     index = _Index((w, i) for i, w in enumerate(vocabulary))
     blocks = []
-    for chunk in _chunks(texts):
+    for chunk in _chunks(texts, ngram_order(vocabulary)):
         lengths = np.fromiter(map(len, chunk), np.int64, len(chunk))
         ids = np.fromiter(map(index.__getitem__, chain.from_iterable(chunk)), np.int64, int(lengths.sum()))
         rows = np.repeat(np.arange(len(chunk), dtype=np.int64), lengths)

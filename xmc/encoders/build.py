@@ -117,10 +117,12 @@ def _build_bow(
     else:
         train = splits[TRAIN]
         sources, variant = cache_identity(train)
-        vocabulary = build_vocabulary(train.texts, sources, config.vocab_size, config.min_df, variant)
+        vocabulary = build_vocabulary(
+            train.texts, sources, config.vocab_size, config.min_df, variant, config.ngrams
+        )
         if not vocabulary:
             raise ValueError(
-                f"the training texts hold no word in at least encoder.min_df={config.min_df} documents: "
+                f"the training texts hold no term in at least encoder.min_df={config.min_df} documents: "
                 "lower encoder.min_df"
             )
         counts = {name: count_matrix(split.texts(), vocabulary) for name, split in splits.items()}

@@ -118,7 +118,12 @@ def _train_inputs(config: Config, data, inputs):
         X = np.asarray(source.features)
     else:  # a transformer over raw text
         vocabulary = build_vocabulary(
-            source.texts, source.sources, config.encoder.vocab_size, config.encoder.min_df, source.variant
+            source.texts,
+            source.sources,
+            config.encoder.vocab_size,
+            config.encoder.min_df,
+            source.variant,
+            config.encoder.ngrams,
         )
         counts = count_matrix(source.texts(), vocabulary)
         X = tfidf(counts, fit_weights(counts, config.encoder.weighting))

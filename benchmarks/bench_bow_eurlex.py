@@ -1,0 +1,114 @@
+"""EURLEX57K with the bag-of-words encoder (CPU): ``configs/eurlex57k/bow.yaml`` (fixed fan-in over the
+word-and-bigram TF-IDF vector) and its dense twin ``bow-dense.yaml``, trained on the full train split (10%
+carved for model selection) and scored on dev, beside the peer's row (``bench_pecos_eurlex.py``).
+
+Appends one JSON row per config to ``benchmarks/results/bow_eurlex57k.jsonl``: dev metrics (P@1/3/5,
+nDCG@5, RP@5, PSP@5), carved-split P@1, train seconds, peak RSS, classifier bytes and the planner's
+classifier training state (weights, gradients, optimizer moments and ids), device and versions.
+
+    python benchmarks/bench_bow_eurlex.py [--data ../shared/data/eurlex57k] [--configs bow bow-dense]
+    python benchmarks/bench_bow_eurlex.py --runs bow=RUN_DIR ...   # record runs trained with `xmc train`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import append_row, git_revision
+
+from xmc.config import Config, default_config_path, load_config
+from xmc.data.text import read_label_names
+from xmc.train.run import run_training
+
+RESULTS = Path(__file__).parent / "results" / "bow_eurlex57k.jsonl"
+STATE_PARTS = ("weights", "gradients", "optimizer", "master_weights", "indices")
+
+
+def classifier_state_bytes(config: Config, in_features: int, num_labels: int) -> int:
+    """The planner's classifier training state: weights, gradients, optimizer moments (and ids)."""
+    from xmc.classifiers import DenseClassifier, FixedFanInClassifier
+
+    options = {"batch_size": config.train.batch_size, "optimizer": config.train.classifier_optimizer}
+    if config.train.classifier_state == "bf16":  # as xmc.memory: bf16 weights, gradients and moments
+        options.update(param_bytes=2, optimizer="adamw-bf16")
+    if config.classifier.type == "fixed_fanin":
+        parts = FixedFanInClassifier.state_bytes(
+            in_features, num_labels, fan_in=config.classifier.fan_in, **options
+        )
+    else:
+        parts = DenseClassifier.state_bytes(in_features, num_labels, **options)
+    return sum(parts.get(key, 0) for key in STATE_PARTS)
+
+
+def row_of(name: str, config: Config, metrics: dict) -> dict:
+    dev, carved = metrics["test"], metrics.get("dev", {})
+    width = config.encoder.dim or config.encoder.vocab_size  # the 200,000-term vocabulary fills its cap
+    num_labels = len(read_label_names(config.data.labels))
+    return {
+        "bench": "bow_eurlex57k",
+        "date": time.strftime("%Y-%m-%d"),
+        "git": git_revision(),
+        "device": metrics["device"],
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "config": name,
+        "classifier": config.classifier.type,
+        "dim": config.encoder.dim or "tfidf",
+        "ngrams": config.encoder.ngrams,
+        "vocab_size": config.encoder.vocab_size,
+        "fan_in": config.classifier.fan_in if config.classifier.type == "fixed_fanin" else None,
+        "classifier_state": config.train.classifier_state,
+        **{key: round(100 * dev[key], 2) for key in ("P@1", "P@3", "P@5", "nDCG@5", "RP@5", "PSP@5")},
+        "carved_dev_P@1": round(100 * carved["P@1"], 2) if carved else None,
+        "epochs": metrics["epochs"],
+        "train_seconds": round(metrics["train_seconds"], 1),
+        "peak_rss_bytes": metrics["peak_memory_bytes"].get("rss"),
+        "classifier_bytes": metrics["classifier_bytes"],
+        "classifier_state_bytes": classifier_state_bytes(config, width, num_labels),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    default = Path(__file__).resolve().parents[2] / "shared" / "data" / "eurlex57k"
+    parser.add_argument("--data", default=str(default), help="folder with trn/dev/lbl .json.gz")
+    parser.add_argument("--configs", nargs="+", default=["bow", "bow-dense"])
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=[],
+        metavar="NAME=RUN_DIR",
+        help="record finished runs instead of training",
+    )
+    args = parser.parse_args()
+    if args.runs:
+        for item in args.runs:
+            name, _, run = item.partition("=")
+            config = load_config(Path(run) / "config.yaml")
+            metrics = json.loads((Path(run) / "metrics.json").read_text())
+            append_row(RESULTS, row_of(name, config, metrics))
+        return
+    folder = Path(args.data)
+    for name in args.configs:
+        config = load_config(
+            default_config_path().parent / "eurlex57k" / f"{name}.yaml",
+            [
+                f"data.train={folder / 'trn.json.gz'}",
+                f"data.test={folder / 'dev.json.gz'}",
+                f"data.labels={folder / 'lbl.json.gz'}",
+            ],
+        )
+        with tempfile.TemporaryDirectory() as run_dir:
+            metrics = run_training(config, run_dir, progress=False)
+        append_row(RESULTS, row_of(name, config, metrics))
+
+
+if __name__ == "__main__":
+    main()
