@@ -301,10 +301,9 @@ def train(
                     with capture, par.no_sync(last=micro == window[-1]):  # DDP: reduce on the last only
                         with autocast(device, precision):
                             loss = par.loss(model, batch, positives, train_split.Y, local, t.loss, lam)
-                        if loss is not None:  # None: no rows of this micro-batch on this rank
-                            loss = loss / len(window)
-                            scaler.scale(loss).backward()
-                            loss_sum += loss.detach()
+                        loss = loss / len(window)
+                        scaler.scale(loss).backward()
+                        loss_sum += loss.detach()
                     examples += len(local)
                 if step_hook is not None:
                     step_hook(model, pos.step, optimizers, scaler)
