@@ -108,6 +108,17 @@ def tokenize_cached(
     return _load(folder)
 
 
+def _alive(pid: str) -> bool:
+    """Whether process ``pid`` (a folder-name suffix) still runs on this machine."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # it exists, as another user's process
+        return True
+    return True
+
+
 def _load(folder: Path) -> datasets.Dataset:
     """The shards of a complete cache folder, in order, as one memory-mapped dataset."""
     import datasets
@@ -122,8 +133,9 @@ def _tokenize_into(
     """Tokenize ``texts`` with ``Dataset.map`` over ``num_proc`` processes into ``folder`` (atomically)."""
     import datasets
 
-    for stale in folder.parent.glob(f"{key}.partial-*"):  # left by an interrupted run
-        shutil.rmtree(stale, ignore_errors=True)
+    for stale in folder.parent.glob(f"{key}.partial-*"):  # left by an interrupted run (not a live one)
+        if not _alive(stale.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(stale, ignore_errors=True)
     procs = max(1, min(num_proc, math.ceil(len(texts) / _MIN_DOCS_PER_PROC)))
     partial = folder.parent / f"{key}.partial-{os.getpid()}"
     partial.mkdir()
