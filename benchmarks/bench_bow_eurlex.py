@@ -35,7 +35,7 @@ def classifier_state_bytes(config: Config, in_features: int, num_labels: int) ->
     from xmc.classifiers import DenseClassifier, FixedFanInClassifier
 
     options = {"batch_size": config.train.batch_size, "optimizer": config.train.classifier_optimizer}
-    if config.train.classifier_state == "bf16":  # as xmc.memory: bf16 weights, gradients and moments
+    if config.train.classifier_state == "bf16":  # as xmc.memory.planner: bf16 weights, gradients and moments
         options.update(param_bytes=2, optimizer="adamw-bf16")
     if config.classifier.type == "fixed_fanin":
         parts = FixedFanInClassifier.state_bytes(

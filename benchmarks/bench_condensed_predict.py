@@ -4,7 +4,7 @@ For each label count L (52,946, CiteULike-t's, and a synthetic 1,000,000) at D =
 random weights once (dense (L, D) float32; condensed (L, K) float32 values + int16 ids) and times top-10
 prediction of precomputed representations at batch 1 and batch 256:
 
-- condensed: :class:`xmc.condensed.SparseRows` (SciPy CSR times the (D, B) batch, label chunk by label
+- condensed: :class:`xmc.inference.condensed.SparseRows` (SciPy CSR times the (D, B) batch, label chunk by label
   chunk, merged into a running top-k), what ``xmc export`` folders predict with;
 - dense: ``torch.mm`` over the same label chunks (MKL, all threads) into the same running top-k.
 
@@ -29,8 +29,8 @@ import scipy
 import torch
 from common import append_row, git_revision
 
-from xmc.condensed import SCORE_ELEMENTS, SparseRows
-from xmc.topk import TopKAccumulator
+from xmc.inference.condensed import SCORE_ELEMENTS, SparseRows
+from xmc.inference.topk import TopKAccumulator
 
 RESULTS = Path(__file__).parent / "results" / "condensed_predict.jsonl"
 

@@ -3,7 +3,7 @@
 For each budget (fraction of MiniLM's MLP weights kept; sparsity 0.5, groups of 2 blocks, as the
 ``fips-*`` rows of ``bench_fips.py``) the bundled MiniLM-L6 is compressed without fitting (SVD pruned once
 by magnitude: the factors' values do not change their bytes, memory or time) and saved with
-:func:`xmc.fips.save_compressed`. Then each encoder, the original included, is measured in a fresh process:
+:func:`xmc.compress.fips.save_compressed`. Then each encoder, the original included, is measured in a fresh process:
 loaded with :meth:`xmc.encoders.TransformerEncoder.from_pretrained` (the path ``xmc embed`` and training
 take), resident memory after loading, the peak resident memory of one forward pass (``no_grad``, fp32,
 ``--batch`` documents of ``--length`` tokens; the peak is reset after loading through
@@ -46,7 +46,7 @@ def measure(folder: str, batch: int, length: int, repeats: int, sparse: bool) ->
     import torch
 
     from xmc.encoders import TransformerEncoder
-    from xmc.fips import FipsLinear
+    from xmc.compress.fips import FipsLinear
 
     FipsLinear.sparse_products = sparse
     torch.manual_seed(0)
@@ -96,8 +96,8 @@ def main() -> None:
     import transformers
 
     from xmc.encoders import load_tokenizer, resolve_model_path
-    from xmc.fips import describe, save_compressed
-    from xmc.fips_fit import compress_mlps
+    from xmc.compress.fips import describe, save_compressed
+    from xmc.compress.fit import compress_mlps
 
     source = resolve_model_path("minilm")
     with tempfile.TemporaryDirectory() as scratch:

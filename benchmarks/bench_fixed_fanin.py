@@ -272,7 +272,7 @@ def classifier_step(kind: str, B: int, D: int, L: int, K: int, device) -> dict:
 def rewiring(L: int, K: int, D: int, device, repeats: int = 7) -> dict:
     """Median time of one SET rewiring (fraction 0.25, random regrowth, AdamW moments reset), and of the
     rewiring plus the rebuild of the column transpose."""
-    from xmc.dst import SET, SETConfig
+    from xmc.sparse.dst import SET, SETConfig
     from xmc.nn.fixed_fanin import FixedFanInLinear
 
     layer = FixedFanInLinear(D, L, K, device=device)

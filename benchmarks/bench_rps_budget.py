@@ -23,7 +23,7 @@ from pathlib import Path
 from common import append_row, git_revision
 
 from xmc.config import default_config_path, load_config
-from xmc.memory import counts_from_data
+from xmc.memory.planner import counts_from_data
 from xmc.train.run import run_training
 
 RESULTS = Path(__file__).parent / "results" / "rps_budget.jsonl"
@@ -32,7 +32,7 @@ BUDGET_PARTS = ("weights", "indices", "optimizer")  # parameters + ids + optimiz
 
 
 def budget_bytes(kind: str, dim: int, labels: int, **options) -> int:
-    from xmc.memory import backends
+    from xmc.memory.planner import backends
 
     parts = backends()[kind].state_bytes(dim, labels, **options)
     return sum(parts.get(p, 0) for p in BUDGET_PARTS)

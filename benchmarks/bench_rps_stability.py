@@ -28,8 +28,8 @@ import torch
 from common import append_row, git_revision
 
 from xmc.config import default_config_path, load_config
-from xmc.memory import counts_from_data
-from xmc.train.model import build_classifier
+from xmc.memory.planner import counts_from_data
+from xmc.model import build_classifier
 from xmc.train.run import run_training
 
 RESULTS = Path(__file__).parent / "results" / "rps_stability.jsonl"

@@ -23,7 +23,7 @@ import torch
 
 from xmc.config import Config, build
 from xmc.data import write_bow
-from xmc.distributed import gather_to_main, setup
+from xmc.train.distributed import gather_to_main, setup
 from xmc.encoders import build_encoder_and_inputs
 from xmc.train.data import load_data
 from xmc.train.loop import train

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from xmc.centroid_ids import centroid_ids, init_centroid_ids
+from xmc.sparse.centroid import centroid_ids, init_centroid_ids
 from xmc.nn import FixedFanInLinear
 
 

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from xmc import metrics
 from xmc.cli import main
 from xmc.data import write_bow
-from xmc.predictions import save_predictions
+from xmc.inference.files import save_predictions
 
 # The hand case of test_metrics.py: 4 rows, 6 labels, row 2 without labels, row 0 padded with -1.
 # Hits: row 0 ranks 1 and 3, row 1 rank 1, row 3 ranks 2-4, so P@1, P@3, P@5 = 50, 41.67, 30 %.

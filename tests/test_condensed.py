@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from xmc.cli import main
-from xmc.condensed import SparseRows
-from xmc.topk import topk_dense
+from xmc.inference.condensed import SparseRows
+from xmc.inference.topk import topk_dense
 
 CONFIG = """
 data: {{train: '{data}/train.txt', test: '{data}/test.txt', dev_fraction: 0.0, format: bow}}
@@ -119,7 +119,7 @@ def test_export_refuses_what_it_cannot_condense(tmp_path, data, capsys):
 
 
 def test_sparse_rows_top_k_in_chunks_equals_the_dense_top_k(monkeypatch):
-    import xmc.condensed
+    import xmc.inference.condensed
 
     rng = np.random.default_rng(0)
     rows, width, fan_in = 1000, 40, 5
@@ -132,7 +132,7 @@ def test_sparse_rows_top_k_in_chunks_equals_the_dense_top_k(monkeypatch):
     x = rng.standard_normal((9, width)).astype(np.float32)
     dense = np.zeros((rows, width), np.float32)
     np.put_along_axis(dense, ids.astype(np.int64), values, axis=1)
-    monkeypatch.setattr(xmc.condensed, "SCORE_ELEMENTS", 9 * 64)  # 16 label chunks
+    monkeypatch.setattr(xmc.inference.condensed, "SCORE_ELEMENTS", 9 * 64)  # 16 label chunks
     scores, top = layer.topk(x, 8)
     want_scores, want_ids = topk_dense(x @ dense.T + bias, 8)
     assert np.array_equal(top, want_ids)

@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 from xmc.classifiers import DenseClassifier, FixedFanInClassifier
 from xmc.classifiers.base import shard_range
 from xmc.config import load_config
-from xmc.distributed import Dist
-from xmc.topk import topk_dense, topk_merge_lists_torch, topk_merge_torch
+from xmc.train.distributed import Dist
+from xmc.inference.topk import topk_dense, topk_merge_lists_torch, topk_merge_torch
 from xmc.train.parallel import Parallel
 from xmc.train.run import run_training
 
@@ -298,7 +298,7 @@ def _has_module(name: str) -> bool:
 
 def test_memory_planner_per_rank_classifier_falls_as_one_over_world_size(tmp_path, capsys):
     from xmc.cli import main
-    from xmc.memory import ENCODERS, Plan, estimate
+    from xmc.memory.planner import ENCODERS, Plan, estimate
 
     def classifier(plan: Plan, name: str, part: str) -> int:
         return estimate(plan, (name,))[name][f"classifier {part}"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from xmc.dst import SET, SETConfig
-from xmc.hashing import uniform
+from xmc.sparse.dst import SET, SETConfig
+from xmc.kernels.hashing import uniform
 from xmc.nn import FixedFanInLinear
 
 

@@ -75,7 +75,7 @@ def test_kernel_reports_rows_out_of_rounds():
 @needs_cuda
 def test_cuda_layer_draws_the_cpu_ids():
     """FixedFanInLinear on CUDA (the kernel) draws the ids the CPU loop draws, and SET regrowth too."""
-    from xmc.dst import SET, SETConfig
+    from xmc.sparse.dst import SET, SETConfig
 
     layers = [FixedFanInLinear(768, 5_003, 128, device=d, seed=3) for d in ("cpu", "cuda")]
     assert torch.equal(layers[0].indices, layers[1].indices.cpu())

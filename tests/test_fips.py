@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from xmc.cli import main
-from xmc.fips import (
+from xmc.compress.fips import (
     FipsLinear,
     describe,
     group_parameters,
@@ -23,7 +23,7 @@ from xmc.fips import (
     rank_for_budget,
     save_compressed,
 )
-from xmc.fips_fit import ActivationCache, cache_activations, compress_mlps
+from xmc.compress.fit import ActivationCache, cache_activations, compress_mlps
 
 WORDS = [
     "[PAD]",
@@ -275,7 +275,7 @@ def test_training_keeps_the_sparsity_pattern(tmp_path):
 
 
 def test_memory_planner_counts_a_fips_folder(tmp_path):
-    from xmc.memory import encoder_spec
+    from xmc.memory.planner import encoder_spec
 
     _, folder, summary, _ = _save(tmp_path)
     assert encoder_spec(str(folder)).num_parameters() == summary["total_parameters"]
@@ -401,7 +401,7 @@ def test_inference_runs_sparse_dense_products_equal_to_the_dense_factor_path(tmp
     from safetensors.torch import save_file
 
     from xmc.encoders import TransformerEncoder
-    from xmc.fips import FIPS_FILE, FIPS_KEY, fips_state
+    from xmc.compress.fips import FIPS_FILE, FIPS_KEY, fips_state
 
     model, folder, _, tokenizer = _save(tmp_path)
     batch = _batch(tokenizer)

@@ -17,7 +17,7 @@ import xmc.kernels.grouped_fanin as gf
 from conftest import assert_close
 
 from xmc.classifiers import FixedFanInClassifier
-from xmc.dst import SET, SETConfig
+from xmc.sparse.dst import SET, SETConfig
 from xmc.losses import Positives
 from xmc.nn import FixedFanInLinear
 
@@ -288,7 +288,7 @@ def test_set_rewires_whole_groups_by_summed_magnitude():
 
 def test_config_rejects_groups_off_fixed_fanin():
     from xmc.config import ClassifierConfig
-    from xmc.train.model import build_classifier
+    from xmc.model import build_classifier
 
     with pytest.raises(ValueError, match="classifier.type=fixed_fanin"):
         build_classifier(ClassifierConfig(type="dense", fan_in_group=4), 16, 20, 0)

@@ -17,7 +17,7 @@ from xmc.classifiers.rps import RPSClassifier
 from xmc.config import Config
 from xmc.losses import Positives
 from xmc.train.loop import build_optimizers
-from xmc.train.model import XMCModel
+from xmc.model import XMCModel
 
 D, B, STEPS, LR = 32, 32, 120, 0.08
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from xmc.cli import main
-from xmc.memory import (
+from xmc.memory.planner import (
     CUDA_RESERVE,
     ENCODERS,
     PRESETS,
@@ -25,7 +25,7 @@ from xmc.memory import (
     preset_plan,
     report,
 )
-from xmc.memory_measure import _rss
+from xmc.memory.measure import _rss
 
 # A transformer small enough to count by hand: H=8, 1 layer, 2 heads, I=16, vocab 10, 4 positions, 2 types.
 TINY = EncoderSpec("tiny", hidden=8, layers=1, heads=2, intermediate=16, vocab=10, positions=4, token_types=2)
@@ -232,8 +232,8 @@ def test_encoder_spec_from_a_local_folder_counts_the_safetensors(tmp_path):
 
 
 def test_encoder_spec_counts_a_fips_folder_by_its_compressed_mlps(tmp_path):
-    from xmc.fips import save_compressed
-    from xmc.fips_fit import compress_mlps
+    from xmc.compress.fips import save_compressed
+    from xmc.compress.fit import compress_mlps
 
     model = _tiny_bert_model()
     compress_mlps(model, None, sparsity=0.5, rank=3, group_size=1)  # SVD only: no activations needed
@@ -353,7 +353,7 @@ def test_cli_config_with_overrides(tmp_path, capsys):
 
 
 def test_bf16_classifier_state_halves_the_classifier_state():
-    from xmc.memory import Plan, estimate
+    from xmc.memory.planner import Plan, estimate
 
     fp32, bf16 = (
         estimate(Plan(labels=100_000, fan_in=64, batch=32, classifier_state=state))

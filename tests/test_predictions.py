@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xmc.predictions import load_predictions, save_predictions
+from xmc.inference.files import load_predictions, save_predictions
 
 
 def test_round_trip_converts_to_float32_and_int32(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 from xmc.classifiers.base import fused_loss_applies
 from xmc.config import load_config
 from xmc.data.synth import SynthOptions, synthesize
-from xmc.meta import cluster_count
+from xmc.classifiers.meta import cluster_count
 from xmc.train.run import resolve_precision, run_training
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import xmc.dst as dst_module
+import xmc.sparse.dst as dst_module
 from xmc.classifiers import FixedFanInClassifier
-from xmc.dst import SET, SETConfig, grow_by_gradient
+from xmc.sparse.dst import SET, SETConfig, grow_by_gradient
 from xmc.losses import Positives, dense_loss
 from xmc.nn import AblatableFixedFanInLinear, FixedFanInLinear
 

@@ -22,7 +22,7 @@ import xmc.kernels.rps as rps  # noqa: E402  (after TRITON_INTERPRET)
 
 import xmc.classifiers.base as base  # noqa: E402
 from xmc.classifiers.rps import RPSClassifier  # noqa: E402
-from xmc.hashing import hash_keys  # noqa: E402
+from xmc.kernels.hashing import hash_keys  # noqa: E402
 from xmc.losses import Positives, dense_loss  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None

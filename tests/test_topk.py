@@ -1,4 +1,4 @@
-"""xmc.topk against a full stable sort, including ties, NaN, chunking and padding; plus a memory test."""
+"""xmc.inference.topk against a full stable sort, including ties, NaN, chunking and padding; plus a memory test."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from xmc.topk import TopKAccumulator, chunk_shape, topk_chunked, topk_dense
+from xmc.inference.topk import TopKAccumulator, chunk_shape, topk_chunked, topk_dense
 
 
 def reference(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +74,7 @@ def test_small_row_blocks_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     # Large chunks are merged in blocks of rows; blocks of one or a few rows must not change the result.
     rng = np.random.default_rng(11)
     scores = tied_scores(rng, 13, 900)
-    monkeypatch.setattr("xmc.topk._BLOCK_ELEMENTS", 2000)  # 2 rows per block of 900 labels
+    monkeypatch.setattr("xmc.inference.topk._BLOCK_ELEMENTS", 2000)  # 2 rows per block of 900 labels
     assert_same(topk_dense(scores, 7), reference(scores, 7))
 
 
@@ -151,7 +151,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
     """
     import resource
     import numpy as np
-    from xmc.topk import topk_chunked
+    from xmc.inference.topk import topk_chunked
 
     N, L, D, K, CHECKED = 1000, 3_000_000, 16, 5, 3
     H = np.random.default_rng(0).standard_normal((N, D), dtype=np.float32)

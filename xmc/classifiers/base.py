@@ -31,7 +31,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from xmc.losses import Positives, chunk_loss_and_grad
-from xmc.topk import topk_merge_torch
+from xmc.inference.topk import topk_merge_torch
 
 # Scores held per label chunk: B x chunk <= this many elements (16 MiB in fp32).
 CHUNK_ELEMENTS = 1 << 22

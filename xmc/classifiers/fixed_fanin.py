@@ -52,7 +52,7 @@ class FixedFanInClassifier(Classifier):
     """A :class:`~xmc.nn.FixedFanInLinear` over all labels behind the classifier interface.
 
     ``layer`` holds ``weight`` (L, K), ``indices`` (L, K), or (ceil(L / G), K) with ``group`` G > 1, and
-    ``bias`` (L,); SET rewiring (:mod:`xmc.dst`) edits them in place.
+    ``bias`` (L,); SET rewiring (:mod:`xmc.sparse.dst`) edits them in place.
     """
 
     def __init__(

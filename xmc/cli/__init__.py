@@ -20,7 +20,7 @@ class UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from xmc.cli import compress, data, embed, evaluate, export, memory, predict, train
+    from xmc.cli import compress_encoder, data, embed, evaluate, export, memory, predict, train
 
     parser = argparse.ArgumentParser(
         prog="xmc",
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"xmc {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (train, predict, export, evaluate, data, embed, memory, compress):
+    for module in (train, predict, export, evaluate, data, embed, memory, compress_encoder):
         module.register(sub)
     return parser
 

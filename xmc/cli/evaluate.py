@@ -171,7 +171,7 @@ def _prediction_file(path):
 
 
 def _load_topk(path, args, ks, num_rows: int, num_labels: int):
-    from xmc.predictions import load_predictions
+    from xmc.inference.files import load_predictions
 
     try:
         _, topk = load_predictions(path)

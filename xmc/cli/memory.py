@@ -117,7 +117,7 @@ def register(sub) -> None:
 
 
 def _plans(args) -> list:
-    from xmc.memory import ENCODERS, PRESETS, Plan, encoder_spec, plan_from_config, preset_plan
+    from xmc.memory.planner import ENCODERS, PRESETS, Plan, encoder_spec, plan_from_config, preset_plan
 
     encoder = args.encoder  # replaces the plan's encoder, unless it only tells a bow config its F
     if args.preset:
@@ -186,9 +186,9 @@ def _plans(args) -> list:
 
 
 def run(args) -> int:
-    from xmc.memory import format_report, human, report
-    from xmc.memory_measure import measure
-    from xmc.memory_plot import plot
+    from xmc.memory.planner import format_report, human, report
+    from xmc.memory.measure import measure
+    from xmc.memory.plot import plot
 
     plans = _plans(args)
     names = tuple(args.backends) if args.backends else None

@@ -106,7 +106,7 @@ class TransformerEncoder(Encoder):
         from transformers import AutoConfig, AutoModel
 
         if getattr(AutoConfig.from_pretrained(str(path), local_files_only=True), "xmc_fips", None):
-            from xmc.fips import load_model  # MLPs compressed by `xmc compress-encoder`: no dense weights
+            from xmc.compress.fips import load_model  # MLPs compressed by `xmc compress-encoder`: no dense weights
 
             model = load_model(path)
         else:
@@ -130,7 +130,7 @@ class TransformerEncoder(Encoder):
 
         model = AutoModel.from_config(hf_config)
         if getattr(hf_config, "xmc_fips", None):  # FiPS layers of that structure; a checkpoint fills them
-            from xmc.fips import attach_fips
+            from xmc.compress.fips import attach_fips
 
             attach_fips(model, hf_config.xmc_fips)
         return cls(model, pooling, dropout, gradient_checkpointing)

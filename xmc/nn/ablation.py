@@ -3,7 +3,7 @@
 SRigL removes a neuron once too few of its connections are salient and hands its share of the
 parameter budget to the survivors, whose fan-in grows so that ``active x fan_in`` stays within
 ``out_features x initial fan-in``. The layer keeps its output width (the next layer reads every
-position); an ablated output is exactly 0, bias included. :mod:`xmc.dst` decides which neurons go and
+position); an ablated output is exactly 0, bias included. :mod:`xmc.sparse.dst` decides which neurons go and
 calls :meth:`AblatableFixedFanInLinear.set_rows`.
 """
 

@@ -6,7 +6,7 @@ gradients are unscaled (fp16), clipped, and checked: a non-finite gradient skips
 ids and optimizer state untouched; fp16 lowers the loss scale), and ``MAX_BAD_STEPS`` non-finite
 steps in a row stop the run with the last good checkpoint intact. After each optimizer step the
 schedules advance and the fixed fan-in layers rewire when due
-(:mod:`xmc.train.rewiring`). Every ``eval_every`` epochs the dev split is scored, the
+(:mod:`xmc.sparse.rewiring`). Every ``eval_every`` epochs the dev split is scored, the
 best model is kept in ``best/``, and a checkpoint is written; ``patience`` evaluations without
 improvement stop training.
 """
@@ -34,7 +34,7 @@ from xmc.progress import bars
 from xmc.train.checkpoint import latest_checkpoint
 from xmc.train.evaluation import evaluate_split
 from xmc.train.parallel import Parallel
-from xmc.train.rewiring import Rewiring
+from xmc.sparse.rewiring import Rewiring
 
 log = logging.getLogger(__name__)
 

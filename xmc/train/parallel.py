@@ -20,7 +20,7 @@ one process on the same batches, whatever the world size, and a checkpoint resum
   (n, D) classifier input is all-gathered, and each rank computes the loss terms of its labels over
   all n rows, weighted by its share of the labels (L_r / L): the shares sum to the single-process
   mean over n x L pairs. The input gradient is summed back to the rows' owners (a hand-written
-  collective, :class:`~xmc.distributed.AllGatherRows`: no library shards an output layer by label);
+  collective, :class:`~xmc.train.distributed.AllGatherRows`: no library shards an output layer by label);
   replicated parameters (encoder, intermediate layer, meta head, RPS array) are DDP's, label shards
   are left out of it (``_set_params_and_buffers_to_ignore_for_model``) and keep their gradients.
   DDP reduces over a process group of its own, so its asynchronous bucket reductions never interleave
@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from xmc.distributed import (
+from xmc.train.distributed import (
     AllGatherRows,
     Dist,
     barrier,
@@ -53,7 +53,7 @@ from xmc.distributed import (
     sum_scalar,
 )
 from xmc.losses import Positives
-from xmc.topk import topk_merge_lists_torch
+from xmc.inference.topk import topk_merge_lists_torch
 from xmc.train.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
 
 MODES = ("data", "labels")
@@ -377,7 +377,7 @@ class _ShardedLoss(torch.nn.Module):
 
 
 def wrap_ddp(model, device: torch.device, ignore=(), group=None) -> DistributedDataParallel:
-    """``model`` (an :class:`~xmc.train.model.XMCModel` on ``device``, the same on every rank, or a
+    """``model`` (an :class:`~xmc.model.XMCModel` on ``device``, the same on every rank, or a
     :class:`_ShardedLoss`) in ``DistributedDataParallel`` over ``group`` (default: every rank) with a
     summing reduction and no buffer sync; ``ignore``: names of the tensors DDP leaves alone (label
     shards).

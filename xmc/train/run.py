@@ -23,12 +23,12 @@ from xmc.config import Config, save_config
 from xmc.data.atomic import atomic_open
 from xmc.encoders import build_encoder_and_inputs
 from xmc.metrics import PROPENSITY_PRESETS, evaluate, format_table, inv_propensity
-from xmc.predictions import save_predictions
+from xmc.inference.files import save_predictions
 from xmc.train.data import load_data
 from xmc.train.evaluation import evaluate_split, most_frequent_topk, predict_split
 from xmc.train.lock import RunLock
 from xmc.train.loop import train
-from xmc.train.model import XMCModel, build_classifier
+from xmc.model import XMCModel, build_classifier
 from xmc.train.parallel import Parallel
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def build_model(config: Config, encoder, num_labels: int, clusters: np.ndarray |
     classifier.fused_loss = config.train.fused_loss
     meta = None
     if clusters is not None:
-        from xmc.meta import MetaHead
+        from xmc.classifiers.meta import MetaHead
 
         meta = MetaHead(width, torch.from_numpy(clusters), config.classifier.meta.clusters)
     if config.train.classifier_state == "bf16":  # the classifier side's weights live in bf16 (xmc.optim)
@@ -145,7 +145,7 @@ def _prior_bias(model: XMCModel, Y) -> None:
 
 def _centroid_ids(config: Config, model: XMCModel, data, inputs) -> None:
     """``classifier.ids=centroid``: each label starts at its training documents' strongest inputs."""
-    from xmc.centroid_ids import init_centroid_ids
+    from xmc.sparse.centroid import init_centroid_ids
 
     cfg, enc = config.classifier, config.encoder
     fixed_inputs = (enc.type == "bow" and enc.dim == 0) or enc.type == "features"
@@ -176,8 +176,8 @@ def run_training(
     """Train per ``config`` into ``run_dir``; returns the metrics written to ``metrics.json``.
 
     Under ``torchrun`` / ``accelerate launch`` every process runs this; they join one process group
-    (:mod:`xmc.distributed`) and train in ``train.parallel`` mode; rank 0 writes the run folder."""
-    from xmc import distributed
+    (:mod:`xmc.train.distributed`) and train in ``train.parallel`` mode; rank 0 writes the run folder."""
+    from xmc.train import distributed
 
     owns_group = distributed.launched() and not torch.distributed.is_initialized()
     place, device = distributed.setup(config.train.device)
@@ -211,7 +211,7 @@ def run_training(
 
 
 def _run(config: Config, run: Path, place, par, device, resume, progress, step_hook, owns_group) -> dict:
-    from xmc import distributed
+    from xmc.train import distributed
 
     precision = resolve_precision(config.train.precision, device)
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -250,7 +250,7 @@ def _run(config: Config, run: Path, place, par, device, resume, progress, step_h
 
     meta_weight_fn = None
     if model.meta is not None:
-        from xmc.meta import meta_weight
+        from xmc.classifiers.meta import meta_weight
 
         m = config.classifier.meta
         meta_weight_fn = lambda progress_epochs: meta_weight(progress_epochs, m.lam0, m.cutoff_epoch)  # noqa: E731

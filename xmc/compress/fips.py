@@ -28,7 +28,7 @@ by the CSR factor itself (``torch.sparse``) when no gradient is wanted on CPU, s
 it is off by default because on a 2-core CPU it made MiniLM's forward 4-9x slower without lowering peak
 memory (``benchmarks/bench_fips_memory.py``; the (r, I) rebuilt factor is about 2 MB per layer there).
 
-The factors are fitted in :mod:`xmc.fips_fit`. A compressed model is saved as a Hugging Face folder whose
+The factors are fitted in :mod:`xmc.compress.fit`. A compressed model is saved as a Hugging Face folder whose
 ``config.json`` carries the structure under ``xmc_fips`` and whose ``model.safetensors`` holds every weight
 but the compressed MLP weights, plus ``fips.safetensors`` (the bases, the factors' CSR and the MLP
 biases) and ``fips.json`` (the summary): no dense MLP weight is stored. :func:`load_model` lets
@@ -414,7 +414,7 @@ def save_compressed(model: nn.Module, tokenizer, folder: str | os.PathLike, summ
 
 def format_summary(summary: dict) -> str:
     """Terminal lines: parameters and bytes per component, and the per-block reconstruction error."""
-    from xmc.memory import human
+    from xmc.memory.planner import human
 
     params, sizes = summary["parameters"], summary["bytes"]
     lines = [

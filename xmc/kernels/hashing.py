@@ -8,11 +8,19 @@ layer. A hash of the key can, and it vectorizes over rows on any device.
 The mixer is a 32-bit avalanche hash (xor-shift / multiply rounds) computed in int64 tensors. Every
 product is kept below 2**63 by multiplying by 16-bit halves of the constant, so no step relies on
 signed overflow.
+
+The same hash as Triton helpers for kernels that draw numbers: ``mix32_tl`` is the mixer and
+``fold32(state, key) = mix32_tl((state ^ key) + GOLDEN)`` folds one 32-bit key into a state, on uint32
+tensors whose products and sums wrap mod 2**32: bit for bit the int64 PyTorch version (``hash_keys``
+folds each key as its low then its high 32-bit half).
 """
 
 from __future__ import annotations
 
 import torch
+
+from xmc.kernels._common import jit as _jit
+from xmc.kernels._common import tl
 
 _M32 = 0xFFFFFFFF
 _C1 = 0x7FEB352D
@@ -57,3 +65,25 @@ def hash_keys(*keys: torch.Tensor | int) -> torch.Tensor:
 def uniform(*keys: torch.Tensor | int) -> torch.Tensor:
     """Uniform float64 numbers in ``[0, 1)``, one per broadcast key tuple."""
     return hash_keys(*keys).to(torch.float64) / 2.0**32
+
+
+# The constants as Triton compile-time values.
+GOLDEN = tl.constexpr(_GOLDEN)
+C1 = tl.constexpr(_C1)
+C2 = tl.constexpr(_C2)
+
+
+@_jit
+def mix32_tl(x):
+    """:func:`mix32` on uint32 (products wrap mod 2**32)."""
+    x = x ^ (x >> 16)
+    x = x * C1
+    x = x ^ (x >> 15)
+    x = x * C2
+    return x ^ (x >> 16)
+
+
+@_jit
+def fold32(state, key):
+    """One 32-bit key (uint32) folded into a uint32 state."""
+    return mix32_tl((state ^ key) + GOLDEN)

@@ -17,7 +17,7 @@ needed: the L x D weight never exists. ``l`` is the global label id (a label sha
   recoverable) and with m dividing L * D every slot holds exactly L * D / m weights.
 
 Signs (optional, on by default) are bit d mod 32 of an independent hash h'(seed, l, d // 32), so one hash
-gives 32 signs. The hash is the avalanche ``mix32`` of :mod:`xmc.hashing` folded over 32-bit keys, ``fold(s,
+gives 32 signs. The hash is the avalanche ``mix32`` of :mod:`xmc.kernels.hashing` folded over 32-bit keys, ``fold(s,
 k) = mix32((s ^ k) + 0x9E3779B9 mod 2**32)``, h(seed, a, b) = fold(fold(S, a), b) with the seed state S =
 ``hash_keys(seed, salt)`` (one salt per use); keys are taken mod 2**32 (labels, columns and pieces stay below
 that). Torch computes it in int64, Triton in uint32 (which wraps mod 2**32): the same bits.
@@ -70,11 +70,11 @@ from functools import cached_property
 
 import torch
 from torch.autograd.function import once_differentiable
-from xmc.kernels.hash32 import fold32
-from xmc.kernels.triton_compat import jit as _jit
-from xmc.kernels.triton_compat import tl, triton
+from xmc.kernels.hashing import fold32
+from xmc.kernels._common import jit as _jit
+from xmc.kernels._common import tl, triton
 
-from xmc.hashing import hash_keys, mix32
+from xmc.kernels.hashing import hash_keys, mix32
 
 __all__ = [
     "METHODS",

@@ -2,11 +2,11 @@
 
 For each row r of ``ids (R, K)``, the slots marked in ``fill`` draw new ids in rounds ("attempts"):
 
-    drawn[r, j] = hash(key..., rows[r], j, attempt) mod D        (xmc.hashing.hash_keys)
+    drawn[r, j] = hash(key..., rows[r], j, attempt) mod D        (xmc.kernels.hashing.hash_keys)
 
 A drawn id is kept when it occurs once among the row's K ids and its A ``avoid`` ids; otherwise the slot
 draws again in the next attempt. Drawn ids that meet each other all redraw, also one accepted in an
-earlier attempt. This is the rejection loop of :func:`xmc.nn.ids.fill_distinct`, whose PyTorch body is the
+earlier attempt. This is the rejection loop of :func:`xmc.sparse.ids.fill_distinct`, whose PyTorch body is the
 reference twin: the kernel gives the same ids bit for bit (the tests check it).
 
 Work and traffic. One program owns one row and keeps it in registers for every attempt. Only the F drawn
@@ -20,11 +20,11 @@ attempt.
 from __future__ import annotations
 
 import torch
-from xmc.kernels.hash32 import fold32
-from xmc.kernels.triton_compat import jit as _jit
-from xmc.kernels.triton_compat import tl, triton
+from xmc.kernels.hashing import fold32
+from xmc.kernels._common import jit as _jit
+from xmc.kernels._common import tl, triton
 
-from xmc.hashing import hash_keys
+from xmc.kernels.hashing import hash_keys
 
 __all__ = ["MAX_BLOCK", "fill_distinct_triton"]
 
@@ -115,7 +115,7 @@ def fill_distinct_triton(
     avoid: torch.Tensor | None,
     max_rounds: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rejection loop of :func:`xmc.nn.ids.fill_distinct` in one launch.
+    """The rejection loop of :func:`xmc.sparse.ids.fill_distinct` in one launch.
 
     Args:
         ids: (R, K) integer ids; the slots not in ``fill`` are kept (distinct within their row).
@@ -131,7 +131,7 @@ def fill_distinct_triton(
         ``max_rounds`` ran out (all 0 normally; the caller raises otherwise).
     """
     if triton is None:
-        raise RuntimeError("Triton is not installed; use the PyTorch path of xmc.nn.ids.fill_distinct")
+        raise RuntimeError("Triton is not installed; use the PyTorch path of xmc.sparse.ids.fill_distinct")
     num_rows, fan_in = ids.shape
     width = avoid.shape[1] if avoid is not None else 0
     block_k = triton.next_power_of_2(max(fan_in, 1))

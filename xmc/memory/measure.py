@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from xmc.memory import Plan, estimate
+from xmc.memory.planner import Plan, estimate
 
 
 def _rss() -> tuple[int, int]:

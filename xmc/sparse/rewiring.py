@@ -1,6 +1,6 @@
 """The rewiring schedules of a model's fixed fan-in layers, and what gradient regrowth needs of a batch.
 
-The classifier (when fixed fan-in) and a fixed fan-in intermediate layer each get a :class:`~xmc.dst.SET`
+The classifier (when fixed fan-in) and a fixed fan-in intermediate layer each get a :class:`~xmc.sparse.dst.SET`
 schedule from ``classifier.set``; only the intermediate layer may ablate neurons (``set.gamma``).
 
 Gradient regrowth (``set.regrow=gradient``) ranks absent connections by the dense gradient of one batch.
@@ -20,7 +20,7 @@ import contextlib
 import torch
 
 from xmc.config import Config
-from xmc.dst import SET, SETConfig
+from xmc.sparse.dst import SET, SETConfig
 from xmc.losses import Positives
 from xmc.nn import FixedFanInLinear
 

@@ -7,13 +7,13 @@ the backends' own ``Classifier.state_bytes`` (a classmethod over the shape), the
 formulas below. Nothing is allocated, so a plan for 2.8M labels answers in milliseconds.
 :func:`measure` runs real training steps of the same shape (random-init encoder, synthetic data) and
 reports the peak memory it took, to check the estimate on the machine at hand
-(:mod:`xmc.memory_measure`); :func:`xmc.memory_plot.plot` draws the chart.
+(:mod:`xmc.memory.measure`); :func:`xmc.memory.plot.plot` draws the chart.
 
 What is counted, per rank (the training loop keeps fp32 parameters and autocasts activations):
 
 - encoder parameters, gradients and optimizer state: ``4 P``, ``4 P`` and ``8 P`` bytes (AdamW) for
   P parameters; a transformer's P is computed from its configuration (the pooler is dropped, as
-  ``TransformerEncoder`` does; encoder shapes and presets live in :mod:`xmc.memory_encoders`);
+  ``TransformerEncoder`` does; encoder shapes and presets live in :mod:`xmc.memory.encoders`);
 - encoder activations kept for backward. Per layer and token, with ``e`` the activation size (2 under
   bf16/fp16 autocast, 4 in fp32), ``f = 4`` for the fp32 tensors layer norms keep under autocast,
   H the width and I the feed-forward width: ``H (3 f + 5 e + 2) + 2 e I`` -- the layer input, Q, K,
@@ -43,7 +43,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 
-from xmc.memory_encoders import ENCODERS, EncoderSpec, encoder_spec
+from xmc.memory.encoders import ENCODERS, EncoderSpec, encoder_spec
 
 CARDS_GIB = (8, 12, 16, 24, 40, 48, 80)
 CUDA_RESERVE = int(0.75 * 2**30)

@@ -62,8 +62,8 @@ import warnings
 
 import torch
 from torch.autograd.function import once_differentiable
-from xmc.kernels.triton_compat import jit as _jit
-from xmc.kernels.triton_compat import tl, triton
+from xmc.kernels._common import jit as _jit
+from xmc.kernels._common import tl, triton
 
 __all__ = [
     "FixedFanInFunction",

@@ -1,4 +1,4 @@
-"""Encoder shapes for the memory planner (:mod:`xmc.memory`): presets of the Hugging Face base models the
+"""Encoder shapes for the memory planner (:mod:`xmc.memory.planner`): presets of the Hugging Face base models the
 anchors use, bag-of-words and precomputed-feature encoders, and local model folders sized from their
 ``config.json`` (and, when present, the exact parameter count in ``model.safetensors``' header)."""
 
@@ -115,7 +115,7 @@ def _spec_from_folder(path: Path) -> EncoderSpec:
     weights, compressed = path / "model.safetensors", path / "fips.safetensors"
     fips = cfg.get("xmc_fips")
     if fips and weights.is_file() and compressed.is_file():
-        # FiPS (xmc.fips): the compressed MLPs' floating tensors (bases, factor values, biases) from
+        # FiPS (xmc.compress.fips): the compressed MLPs' floating tensors (bases, factor values, biases) from
         # fips.safetensors, everything else from model.safetensors (which, in format 1, also held the
         # dense MLP products: left out)
         extra = _safetensors_header(compressed)

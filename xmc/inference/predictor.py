@@ -7,7 +7,7 @@
 
 A run folder is self-contained: ``config.yaml``, ``model.json`` and ``best.safetensors`` (with the
 bag-of-words vocabulary or, for transformers, ``encoder/`` holding the model config and tokenizer).
-``xmc.load`` also reads the condensed folders ``xmc export`` writes (:mod:`xmc.condensed`): those
+``xmc.load`` also reads the condensed folders ``xmc export`` writes (:mod:`xmc.inference.condensed`): those
 predict on the CPU without importing the training stack.
 """
 
@@ -154,9 +154,9 @@ def encoder_from_card(config, card: dict, folder: Path) -> tuple[torch.nn.Module
 
 def load(run_dir: str | os.PathLike, device: str = "auto"):
     """Load the best model of a finished run (:class:`Predictor`), or a condensed folder written by
-    ``xmc export`` (:class:`~xmc.condensed.CondensedPredictor`, CPU only)."""
+    ``xmc export`` (:class:`~xmc.inference.condensed.CondensedPredictor`, CPU only)."""
     if (Path(run_dir) / "condensed.safetensors").exists():
-        from xmc.condensed import CondensedPredictor
+        from xmc.inference.condensed import CondensedPredictor
 
         if device == "cuda":
             raise ValueError(f"{run_dir} is a condensed model: it predicts on the CPU (use --device cpu)")

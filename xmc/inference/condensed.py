@@ -13,7 +13,7 @@
 Prediction needs none of the training stack (no optimizer, kernels, Triton or autograd): each label
 chunk is a CSR matrix with K entries per row over the same value and id arrays (no copy), multiplied
 with the (D, B) representations by SciPy, and merged into a running top-k
-(:class:`~xmc.topk.TopKAccumulator`). Memory beyond the model: one (chunk, B) score block and the
+(:class:`~xmc.inference.topk.TopKAccumulator`). Memory beyond the model: one (chunk, B) score block and the
 (B, k) top-k, so any label count fits.
 """
 
@@ -29,9 +29,9 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file, save_file
 
-from xmc.api import ModelFolder
+from xmc.inference.predictor import ModelFolder
 from xmc.encoders import Inputs
-from xmc.topk import TopKAccumulator
+from xmc.inference.topk import TopKAccumulator
 
 CONDENSED = "condensed.safetensors"
 SCORE_ELEMENTS = 1 << 22  # scores held per label chunk: chunk x B <= this many (16 MiB in fp32)
@@ -110,7 +110,7 @@ class SparseRows:
 def export_condensed(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict:
     """Write the condensed form of the best model of ``run_dir`` into ``out_dir`` (a new folder);
     returns the byte counts recorded in its ``model.json``. Needs a fixed fan-in classifier."""
-    from xmc.api import Predictor
+    from xmc.inference.predictor import Predictor
     from xmc.classifiers import FixedFanInClassifier
     from xmc.nn import AblatableFixedFanInLinear, FixedFanInLinear
 
@@ -161,7 +161,7 @@ def export_condensed(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
 
 
 class CondensedPredictor(ModelFolder):
-    """A condensed model (see the module docstring) behind :class:`xmc.api.Predictor`'s methods."""
+    """A condensed model (see the module docstring) behind :class:`xmc.inference.predictor.Predictor`'s methods."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
         files = ("config.yaml", "model.json", CONDENSED)

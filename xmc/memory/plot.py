@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from xmc.memory import CARDS_GIB, CUDA_RESERVE
+from xmc.memory.planner import CARDS_GIB, CUDA_RESERVE
 
 
 def plot(reports: list[dict], path: str | os.PathLike) -> None:

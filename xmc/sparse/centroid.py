@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from xmc.nn.ids import INIT_IDS, fill_distinct
+from xmc.sparse.ids import INIT_IDS, fill_distinct
 
 # Entries of a dense (labels x width) centroid block computed at a time: 64 MiB of float32.
 _BLOCK_ELEMENTS = 1 << 24

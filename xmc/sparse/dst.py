@@ -9,7 +9,7 @@ regrows as many at columns it does not hold, so its fan-in stays K:
   to ``floor`` at ``end`` (RigL's and SRigL's drop-fraction schedule). A grouped layer (G labels per id
   row, HASTE) judges a group's slot by its |w| summed over the group's labels (the mean, against a
   threshold), and gradient regrowth ranks its columns by the group's summed |gradient|;
-- regrow ``random`` (SET): ids are hashes of ``(seed, step, global row, slot)`` (:mod:`xmc.nn.ids`),
+- regrow ``random`` (SET): ids are hashes of ``(seed, step, global row, slot)`` (:mod:`xmc.sparse.ids`),
   so a label shard rewires exactly like the same rows of the whole layer; they avoid the ids just
   pruned (when the row has room), so every rewiring explores new columns;
 - regrow ``gradient`` (RigL): each row takes the columns it does not hold (after pruning) with the
@@ -38,7 +38,7 @@ import torch
 
 from xmc.nn.ablation import AblatableFixedFanInLinear
 from xmc.nn.fixed_fanin import FixedFanInLinear
-from xmc.nn.ids import REGROW_IDS, fill_distinct
+from xmc.sparse.ids import REGROW_IDS, fill_distinct
 
 _ROW_CHUNK = 1 << 16
 _GRAD_ELEMENTS = 1 << 24  # a gradient row chunk holds at most this many fp32 values (64 MiB)

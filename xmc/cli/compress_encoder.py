@@ -180,8 +180,8 @@ def _documents(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xmc.fips import format_summary, save_compressed
-    from xmc.fips_fit import cache_activations, compress_mlps, plan_ranks
+    from xmc.compress.fips import format_summary, save_compressed
+    from xmc.compress.fit import cache_activations, compress_mlps, plan_ranks
 
     _check(args)
     model, tokenizer, source = _from_run(args) if args.run else _from_folder(args)
@@ -221,7 +221,7 @@ def _finetune(args: argparse.Namespace, tokenizer, summary: dict) -> dict:
 
     from xmc.config import load_config
     from xmc.encoders import TransformerEncoder
-    from xmc.fips import save_compressed
+    from xmc.compress.fips import save_compressed
     from xmc.train.run import run_training
 
     out = Path(args.out).resolve()

@@ -44,8 +44,8 @@ from xmc.kernels.fixed_fanin import (
     fixed_fanin_backward_reference,
     fixed_fanin_forward_reference,
 )
-from xmc.kernels.triton_compat import jit as _jit
-from xmc.kernels.triton_compat import tl, triton
+from xmc.kernels._common import jit as _jit
+from xmc.kernels._common import tl, triton
 
 from xmc.losses import LOSSES, chunk_loss_and_grad
 

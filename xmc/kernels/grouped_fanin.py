@@ -60,8 +60,8 @@ from xmc.kernels.fixed_fanin import (
     column_transpose,
     use_triton,
 )
-from xmc.kernels.triton_compat import jit as _jit
-from xmc.kernels.triton_compat import tl, triton
+from xmc.kernels._common import jit as _jit
+from xmc.kernels._common import tl, triton
 
 __all__ = [
     "GroupedFanInFunction",

@@ -1,7 +1,7 @@
 """Drawing distinct column ids per row, as pure functions of (seed, purpose, step, global row, slot).
 
 Used for a fixed fan-in layer's initial ids and for regrowth after pruning. Because every number is
-a hash of its key (see :mod:`xmc.hashing`), a row gets the same ids whether it is drawn alone, in a
+a hash of its key (see :mod:`xmc.kernels.hashing`), a row gets the same ids whether it is drawn alone, in a
 label shard or in the whole layer, and no Python loop over rows is needed.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from xmc.hashing import hash_keys
+from xmc.kernels.hashing import hash_keys
 from xmc.kernels.fill_distinct import MAX_BLOCK, fill_distinct_triton
-from xmc.kernels.triton_compat import triton
+from xmc.kernels._common import triton
 
 # Purposes keep the streams of different draws apart.
 INIT_IDS, INIT_WEIGHT, INIT_BIAS, REGROW_IDS = 1, 2, 3, 4
