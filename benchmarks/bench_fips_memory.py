@@ -45,8 +45,8 @@ def measure(folder: str, batch: int, length: int, repeats: int, sparse: bool) ->
     """Runs in its own process: load, reset the peak, forward passes."""
     import torch
 
-    from xmc.encoders import TransformerEncoder
     from xmc.compress.fips import FipsLinear
+    from xmc.encoders import TransformerEncoder
 
     FipsLinear.sparse_products = sparse
     torch.manual_seed(0)
@@ -95,9 +95,9 @@ def main() -> None:
     import torch
     import transformers
 
-    from xmc.encoders import load_tokenizer, resolve_model_path
     from xmc.compress.fips import describe, save_compressed
     from xmc.compress.fit import compress_mlps
+    from xmc.encoders import load_tokenizer, resolve_model_path
 
     source = resolve_model_path("minilm")
     with tempfile.TemporaryDirectory() as scratch:

@@ -114,7 +114,6 @@ def fixed_variants(x, g, L, K, device):
         fixed_fanin_backward_triton,
         fixed_fanin_forward_triton,
     )
-
     from xmc.nn.fixed_fanin import FixedFanInLinear
 
     layer = FixedFanInLinear(x.shape[1], L, K, device=device)  # hashed ids, as training builds them
@@ -138,7 +137,6 @@ def grouped_variants(x, g, L, K, group, device):
     """(name, weight dtype, forward fn, forward+backward fn) of the grouped fan-in layer's Triton kernels."""
     from xmc.kernels.fixed_fanin import column_transpose
     from xmc.kernels.grouped_fanin import grouped_fanin_backward_triton, grouped_fanin_forward_triton
-
     from xmc.nn.fixed_fanin import FixedFanInLinear
 
     layer = FixedFanInLinear(x.shape[1], L, K, device=device, group=group)
@@ -272,8 +270,8 @@ def classifier_step(kind: str, B: int, D: int, L: int, K: int, device) -> dict:
 def rewiring(L: int, K: int, D: int, device, repeats: int = 7) -> dict:
     """Median time of one SET rewiring (fraction 0.25, random regrowth, AdamW moments reset), and of the
     rewiring plus the rebuild of the column transpose."""
-    from xmc.sparse.dst import SET, SETConfig
     from xmc.nn.fixed_fanin import FixedFanInLinear
+    from xmc.sparse.dst import SET, SETConfig
 
     layer = FixedFanInLinear(D, L, K, device=device)
     optimizer = torch.optim.AdamW([layer.weight], lr=1e-3)

@@ -45,11 +45,12 @@ def run(stage: Path, config_file: Path, overrides: list[str], run_dir: Path) -> 
     from xmc.config import load_config
     from xmc.encoders import TransformerEncoder
     from xmc.metrics import PROPENSITY_PRESETS, evaluate, inv_propensity
+    from xmc.model import build_model
+    from xmc.runtime import resolve_device, resolve_precision
     from xmc.train.data import LoadedData, Split, _carve
     from xmc.train.evaluation import evaluate_split, most_frequent_topk
     from xmc.train.loop import train
     from xmc.train.parallel import Parallel
-    from xmc.train.run import build_model, resolve_device, resolve_precision
 
     config = load_config(config_file, overrides)
     if config.classifier.meta.enabled:

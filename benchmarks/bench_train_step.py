@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from common import append_row, git_revision
 
-from xmc.memory.planner import ENCODERS, Plan, encoder_spec, estimate
 from xmc.memory.measure import build_step
+from xmc.memory.planner import ENCODERS, Plan, encoder_spec, estimate
 
 RESULTS = Path(__file__).parent / "results" / "train_step.jsonl"
 

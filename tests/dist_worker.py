@@ -23,12 +23,12 @@ import torch
 
 from xmc.config import Config, build
 from xmc.data import write_bow
-from xmc.train.distributed import gather_to_main, setup
 from xmc.encoders import build_encoder_and_inputs
+from xmc.model import build_model
 from xmc.train.data import load_data
+from xmc.train.distributed import gather_to_main, setup
 from xmc.train.loop import train
 from xmc.train.parallel import Parallel
-from xmc.train.run import build_model
 
 NUM_DOCS, NUM_FEATURES, NUM_LABELS = 37, 40, 23  # odd sizes: uneven row and label shards
 CRASH_AT = 5  # save_ / partial runs stop at this step; checkpoints every 2 steps leave step 4

@@ -7,8 +7,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from xmc.sparse.centroid import centroid_ids, init_centroid_ids
 from xmc.nn import FixedFanInLinear
+from xmc.sparse.centroid import centroid_ids, init_centroid_ids
 
 
 def _case():

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 import xmc.classifiers.base as base
 import xmc.clusters as clusters
 from xmc.cache import cache_dir
+from xmc.classifiers.meta import MetaHead, meta_positives, meta_weight
 from xmc.clusters import balanced_clusters, cluster_labels, label_representations
 from xmc.losses import Positives
-from xmc.classifiers.meta import MetaHead, meta_positives, meta_weight
 
 # Five documents, three features, four labels; label 2 has no training documents, and the last
 # document has no features (a zero row adds nothing, wherever it falls in a chunk).

@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 from xmc.classifiers import DenseClassifier, FixedFanInClassifier
 from xmc.classifiers.base import shard_range
 from xmc.config import load_config
-from xmc.train.distributed import Dist
 from xmc.inference.topk import topk_dense, topk_merge_lists_torch, topk_merge_torch
+from xmc.train.distributed import Dist
 from xmc.train.parallel import Parallel
 from xmc.train.run import run_training
 

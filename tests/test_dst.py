@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from xmc.sparse.dst import SET, SETConfig
 from xmc.kernels.hashing import uniform
 from xmc.nn import FixedFanInLinear
+from xmc.sparse.dst import SET, SETConfig
 
 
 def _pairs(layer: FixedFanInLinear) -> dict[tuple[int, int], int]:

@@ -400,8 +400,8 @@ def test_inference_runs_sparse_dense_products_equal_to_the_dense_factor_path(tmp
     1 (dense products stored too) still loads."""
     from safetensors.torch import save_file
 
-    from xmc.encoders import TransformerEncoder
     from xmc.compress.fips import FIPS_FILE, FIPS_KEY, fips_state
+    from xmc.encoders import TransformerEncoder
 
     model, folder, _, tokenizer = _save(tmp_path)
     batch = _batch(tokenizer)

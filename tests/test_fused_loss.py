@@ -12,10 +12,10 @@ import importlib.util
 
 import pytest
 import torch
-import xmc.kernels.fixed_fanin as ff
-import xmc.kernels.fixed_fanin_loss as fl
 from conftest import assert_close
 
+import xmc.kernels.fixed_fanin as ff
+import xmc.kernels.fixed_fanin_loss as fl
 from xmc.classifiers import DenseClassifier, FixedFanInClassifier, RPSClassifier
 from xmc.losses import Positives, dense_loss
 

@@ -12,14 +12,14 @@ import math
 
 import pytest
 import torch
-import xmc.kernels.fixed_fanin as ff
-import xmc.kernels.grouped_fanin as gf
 from conftest import assert_close
 
+import xmc.kernels.fixed_fanin as ff
+import xmc.kernels.grouped_fanin as gf
 from xmc.classifiers import FixedFanInClassifier
-from xmc.sparse.dst import SET, SETConfig
 from xmc.losses import Positives
 from xmc.nn import FixedFanInLinear
+from xmc.sparse.dst import SET, SETConfig
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

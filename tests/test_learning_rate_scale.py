@@ -16,8 +16,8 @@ from xmc.classifiers import DenseClassifier, FixedFanInClassifier
 from xmc.classifiers.rps import RPSClassifier
 from xmc.config import Config
 from xmc.losses import Positives
-from xmc.train.loop import build_optimizers
 from xmc.model import XMCModel
+from xmc.train.loop import build_optimizers
 
 D, B, STEPS, LR = 32, 32, 120, 0.08
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from xmc.cli import main
+from xmc.memory.measure import _rss
 from xmc.memory.planner import (
     CUDA_RESERVE,
     ENCODERS,
@@ -25,7 +26,6 @@ from xmc.memory.planner import (
     preset_plan,
     report,
 )
-from xmc.memory.measure import _rss
 
 # A transformer small enough to count by hand: H=8, 1 layer, 2 heads, I=16, vocab 10, 4 positions, 2 types.
 TINY = EncoderSpec("tiny", hidden=8, layers=1, heads=2, intermediate=16, vocab=10, positions=4, token_types=2)

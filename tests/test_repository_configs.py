@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from xmc.classifiers.base import fused_loss_applies
+from xmc.classifiers.meta import cluster_count
 from xmc.config import load_config
 from xmc.data.synth import SynthOptions, synthesize
-from xmc.classifiers.meta import cluster_count
-from xmc.train.run import resolve_precision, run_training
+from xmc.runtime import resolve_precision
+from xmc.train.run import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 REPOSITORY = sorted((ROOT / "configs" / "repository").glob("*.yaml"))

@@ -8,9 +8,9 @@ import torch
 
 import xmc.sparse.dst as dst_module
 from xmc.classifiers import FixedFanInClassifier
-from xmc.sparse.dst import SET, SETConfig, grow_by_gradient
 from xmc.losses import Positives, dense_loss
 from xmc.nn import AblatableFixedFanInLinear, FixedFanInLinear
+from xmc.sparse.dst import SET, SETConfig, grow_by_gradient
 
 
 def _expected_picks(ids: torch.Tensor, fill: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -331,9 +331,9 @@ def test_fixed_fanin_over_the_raw_tfidf_vector(tmp_path, synth_data):
 def test_centroid_ids_over_the_raw_tfidf_vector(tmp_path, synth_data):
     """classifier.ids=centroid: the initial ids are each label's strongest TF-IDF features; with the
     SET rewiring off they are the trained model's ids, and the run learns."""
-    from xmc.sparse.centroid import centroid_ids
     from xmc.data.bow import read_bow
     from xmc.encoders import fit_idf, tfidf
+    from xmc.sparse.centroid import centroid_ids
 
     overrides = [
         "encoder.dim=0",

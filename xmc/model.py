@@ -1,12 +1,26 @@
-"""The XMC model: encoder -> optional intermediate layer -> classifier (+ optional meta head)."""
+"""The XMC model: encoder -> optional intermediate layer -> classifier (+ optional meta head).
+
+Its assembly from a config (:func:`build_model`, shared by training, prediction and the memory planner's
+measurement) and its weights on disk (:func:`save_model`, :func:`load_model`: safetensors, written
+atomically, with modules' extra state such as a bag-of-words vocabulary as JSON beside them).
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from xmc.classifiers import Classifier, DenseClassifier, FixedFanInClassifier
-from xmc.config import ClassifierConfig
+from xmc.config import ClassifierConfig, Config
+from xmc.data.atomic import atomic_open
 from xmc.losses import Positives
 
 
@@ -118,3 +132,100 @@ class XMCModel(nn.Module):
             if part is not None:
                 tensors += list(part.parameters()) + list(part.buffers())
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def build_model(config: Config, encoder, num_labels: int, clusters: np.ndarray | None = None) -> XMCModel:
+    width = encoder.out_features
+    intermediate = None
+    if config.classifier.intermediate:
+        intermediate = _intermediate(config, width)
+        width = config.classifier.intermediate
+    classifier = build_classifier(config.classifier, width, num_labels, config.seed)
+    classifier.fused_loss = config.train.fused_loss
+    meta = None
+    if clusters is not None:
+        from xmc.classifiers.meta import MetaHead
+
+        meta = MetaHead(width, torch.from_numpy(clusters), config.classifier.meta.clusters)
+    if config.train.classifier_state == "bf16":  # the classifier side's weights live in bf16 (xmc.optim)
+        if config.classifier.type == "rps":
+            raise ValueError("train.classifier_state=bf16 serves dense and fixed_fanin classifiers, not rps")
+        classifier.to(torch.bfloat16)
+        if meta is not None:
+            meta.to(torch.bfloat16)
+    return XMCModel(encoder, classifier, intermediate, meta)
+
+
+def _intermediate(config: Config, width: int) -> torch.nn.Module:
+    """The layer between encoder and classifier: dense, or fixed fan-in (rewired, SRigL ablation)."""
+    cfg = config.classifier
+    if not cfg.intermediate_fan_in:
+        return torch.nn.Linear(width, cfg.intermediate)
+    if cfg.intermediate_fan_in > width:
+        raise ValueError(
+            f"classifier.intermediate_fan_in={cfg.intermediate_fan_in} exceeds the encoder width {width}"
+        )
+    if cfg.set.gamma and (not cfg.set.enabled or cfg.set.regrow != "gradient"):
+        raise ValueError(
+            "classifier.set.gamma > 0 (neuron ablation) needs set.enabled and set.regrow=gradient"
+        )
+    from xmc.nn import AblatableFixedFanInLinear
+
+    return AblatableFixedFanInLinear(width, cfg.intermediate, cfg.intermediate_fan_in, seed=config.seed + 1)
+
+
+class CheckpointError(ValueError):
+    """A saved model or checkpoint that cannot be read (truncated, damaged, or not written by xmc)."""
+
+
+def damaged(path: Path, err: BaseException, fix: str) -> CheckpointError:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return CheckpointError(f"{path}: cannot be read, damaged or not written by xmc ({reason[:200]}); {fix}")
+
+
+def _extra_path(path: Path) -> Path:
+    return path.with_name(path.name.removesuffix(".safetensors") + ".extra.json")
+
+
+def save_model(model: torch.nn.Module | dict[str, Any], path: str | os.PathLike) -> None:
+    """``model.state_dict()`` (or a state dict given as is, e.g. label shards gathered whole):
+    tensors as safetensors, and modules' extra state (e.g. a bag-of-words vocabulary) as JSON beside it
+    (``<name>.extra.json``); each file written atomically."""
+    path = Path(path)
+    state = model if isinstance(model, dict) else model.state_dict()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if torch.is_tensor(v)}
+    extra = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+    if extra:
+        with atomic_open(_extra_path(path)) as handle:
+            handle.write(json.dumps(extra).encode())
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_model(model: torch.nn.Module, path: str | os.PathLike, rows: dict[str, slice] | None = None) -> None:
+    """Load weights saved by :func:`save_model`. ``rows`` maps state-dict names to the rows this
+    process holds (a label shard loading a whole checkpoint): only those rows are read from disk."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no model weights here (is this a finished or checkpointed run folder?)"
+        )
+    try:
+        if rows:
+            with safe_open(str(path), framework="pt") as handle:
+                state: dict[str, Any] = {
+                    key: handle.get_slice(key)[rows[key]] if key in rows else handle.get_tensor(key)
+                    for key in handle.keys()
+                }
+        else:
+            state = dict(load_file(str(path)))
+        if _extra_path(path).exists():
+            state.update(json.loads(_extra_path(path).read_text()))
+    except (OSError, ValueError) as err:
+        raise damaged(path, err, "train again, or resume from a run folder's checkpoint") from None
+    except Exception as err:  # safetensors' own error type, which it does not export
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise damaged(path, err, "train again, or resume from a run folder's checkpoint") from None
+    model.load_state_dict(state)

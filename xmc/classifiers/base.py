@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from xmc.losses import Positives, chunk_loss_and_grad
 from xmc.inference.topk import topk_merge_torch
+from xmc.losses import Positives, chunk_loss_and_grad
 
 # Scores held per label chunk: B x chunk <= this many elements (16 MiB in fp32).
 CHUNK_ELEMENTS = 1 << 22

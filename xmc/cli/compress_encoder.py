@@ -219,9 +219,9 @@ def _finetune(args: argparse.Namespace, tokenizer, summary: dict) -> dict:
     fine-tuned encoder (its best checkpoint) back into OUT."""
     from safetensors import safe_open
 
+    from xmc.compress.fips import save_compressed
     from xmc.config import load_config
     from xmc.encoders import TransformerEncoder
-    from xmc.compress.fips import save_compressed
     from xmc.train.run import run_training
 
     out = Path(args.out).resolve()

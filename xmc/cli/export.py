@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xmc.inference.condensed import export_condensed
+    from xmc.inference.export import export_condensed
 
     sizes = export_condensed(args.run, args.out)
     parts = ", ".join(f"{name} {size / 2**20:.2f} MiB" for name, size in sizes.items())

@@ -186,8 +186,8 @@ def _plans(args) -> list:
 
 
 def run(args) -> int:
-    from xmc.memory.planner import format_report, human, report
     from xmc.memory.measure import measure
+    from xmc.memory.planner import format_report, human, report
     from xmc.memory.plot import plot
 
     plans = _plans(args)

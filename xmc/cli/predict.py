@@ -25,11 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xmc.inference.predictor import load
     from xmc.cli import UsageError
     from xmc.data.atomic import atomic_open
-    from xmc.metrics import format_table
     from xmc.inference.files import save_predictions
+    from xmc.inference.predictor import load
+    from xmc.metrics import format_table
     from xmc.train.data import read_source
 
     if args.k < 1:

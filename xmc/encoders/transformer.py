@@ -106,7 +106,9 @@ class TransformerEncoder(Encoder):
         from transformers import AutoConfig, AutoModel
 
         if getattr(AutoConfig.from_pretrained(str(path), local_files_only=True), "xmc_fips", None):
-            from xmc.compress.fips import load_model  # MLPs compressed by `xmc compress-encoder`: no dense weights
+            from xmc.compress.fips import (
+                load_model,  # MLPs compressed by `xmc compress-encoder`: no dense weights
+            )
 
             model = load_model(path)
         else:

@@ -20,11 +20,10 @@ attempt.
 from __future__ import annotations
 
 import torch
-from xmc.kernels.hashing import fold32
+
 from xmc.kernels._common import jit as _jit
 from xmc.kernels._common import tl, triton
-
-from xmc.kernels.hashing import hash_keys
+from xmc.kernels.hashing import fold32, hash_keys
 
 __all__ = ["MAX_BLOCK", "fill_distinct_triton"]
 

@@ -62,6 +62,7 @@ import warnings
 
 import torch
 from torch.autograd.function import once_differentiable
+
 from xmc.kernels._common import jit as _jit
 from xmc.kernels._common import tl, triton
 

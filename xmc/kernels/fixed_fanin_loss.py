@@ -31,6 +31,9 @@ the layer and :func:`xmc.losses.chunk_loss_and_grad`; it is the CPU path and the
 from __future__ import annotations
 
 import torch
+
+from xmc.kernels._common import jit as _jit
+from xmc.kernels._common import tl, triton
 from xmc.kernels.fixed_fanin import (
     _BWD_X_CHUNK_BYTES,
     _BWD_X_SPLIT_SLOTS,
@@ -44,9 +47,6 @@ from xmc.kernels.fixed_fanin import (
     fixed_fanin_backward_reference,
     fixed_fanin_forward_reference,
 )
-from xmc.kernels._common import jit as _jit
-from xmc.kernels._common import tl, triton
-
 from xmc.losses import LOSSES, chunk_loss_and_grad
 
 __all__ = ["MAX_BATCH", "fixed_fanin_loss_reference", "fixed_fanin_loss_triton"]

@@ -44,6 +44,9 @@ import os
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from xmc.kernels._common import jit as _jit
+from xmc.kernels._common import tl, triton
 from xmc.kernels.fixed_fanin import (
     _BWD_X_CHUNK_BYTES,
     _BWD_X_SPLIT_SLOTS,
@@ -60,8 +63,6 @@ from xmc.kernels.fixed_fanin import (
     column_transpose,
     use_triton,
 )
-from xmc.kernels._common import jit as _jit
-from xmc.kernels._common import tl, triton
 
 __all__ = [
     "GroupedFanInFunction",

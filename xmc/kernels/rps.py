@@ -70,11 +70,10 @@ from functools import cached_property
 
 import torch
 from torch.autograd.function import once_differentiable
-from xmc.kernels.hashing import fold32
+
 from xmc.kernels._common import jit as _jit
 from xmc.kernels._common import tl, triton
-
-from xmc.kernels.hashing import hash_keys, mix32
+from xmc.kernels.hashing import fold32, hash_keys, mix32
 
 __all__ = [
     "METHODS",

@@ -149,8 +149,9 @@ def build_step(plan: Plan, backend: str, dev, loss: str = "bce", classifier_stat
 
     from xmc.config import Config
     from xmc.losses import Positives
-    from xmc.train.loop import autocast, build_optimizers
-    from xmc.train.run import build_model
+    from xmc.model import build_model
+    from xmc.runtime import autocast
+    from xmc.train.loop import build_optimizers
 
     config = Config()
     config.classifier.type = backend

@@ -7,9 +7,9 @@ import math
 import torch
 from torch import nn
 
-from xmc.kernels.hashing import uniform
 from xmc.kernels.fixed_fanin import column_transpose, fixed_fanin
 from xmc.kernels.grouped_fanin import grouped_fanin, num_groups
+from xmc.kernels.hashing import uniform
 from xmc.sparse.ids import INIT_BIAS, INIT_IDS, INIT_WEIGHT, fill_distinct
 
 _INIT_CHUNK_ROWS = 1 << 16  # rows initialized at a time: bounds the (rows, K) int64 hash temporaries

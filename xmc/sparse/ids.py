@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from xmc.kernels.hashing import hash_keys
-from xmc.kernels.fill_distinct import MAX_BLOCK, fill_distinct_triton
 from xmc.kernels._common import triton
+from xmc.kernels.fill_distinct import MAX_BLOCK, fill_distinct_triton
+from xmc.kernels.hashing import hash_keys
 
 # Purposes keep the streams of different draws apart.
 INIT_IDS, INIT_WEIGHT, INIT_BIAS, REGROW_IDS = 1, 2, 3, 4

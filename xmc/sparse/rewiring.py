@@ -20,9 +20,9 @@ import contextlib
 import torch
 
 from xmc.config import Config
-from xmc.sparse.dst import SET, SETConfig
 from xmc.losses import Positives
 from xmc.nn import FixedFanInLinear
+from xmc.sparse.dst import SET, SETConfig
 
 
 class Rewiring:

@@ -18,67 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from xmc.data.atomic import atomic_open
-
-
-class CheckpointError(ValueError):
-    """A saved model or checkpoint that cannot be read (truncated, damaged, or not written by xmc)."""
-
-
-def _damaged(path: Path, err: BaseException, fix: str) -> CheckpointError:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return CheckpointError(f"{path}: cannot be read, damaged or not written by xmc ({reason[:200]}); {fix}")
-
-
-def _extra_path(path: Path) -> Path:
-    return path.with_name(path.name.removesuffix(".safetensors") + ".extra.json")
-
-
-def save_model(model: torch.nn.Module | dict[str, Any], path: str | os.PathLike) -> None:
-    """``model.state_dict()`` (or a state dict given as is, e.g. label shards gathered whole):
-    tensors as safetensors, and modules' extra state (e.g. a bag-of-words vocabulary) as JSON beside it
-    (``<name>.extra.json``); each file written atomically."""
-    path = Path(path)
-    state = model if isinstance(model, dict) else model.state_dict()
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if torch.is_tensor(v)}
-    extra = {k: v for k, v in state.items() if not torch.is_tensor(v)}
-    if extra:
-        with atomic_open(_extra_path(path)) as handle:
-            handle.write(json.dumps(extra).encode())
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-
-
-def load_model(model: torch.nn.Module, path: str | os.PathLike, rows: dict[str, slice] | None = None) -> None:
-    """Load weights saved by :func:`save_model`. ``rows`` maps state-dict names to the rows this
-    process holds (a label shard loading a whole checkpoint): only those rows are read from disk."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path}: no model weights here (is this a finished or checkpointed run folder?)"
-        )
-    try:
-        if rows:
-            with safe_open(str(path), framework="pt") as handle:
-                state: dict[str, Any] = {
-                    key: handle.get_slice(key)[rows[key]] if key in rows else handle.get_tensor(key)
-                    for key in handle.keys()
-                }
-        else:
-            state = dict(load_file(str(path)))
-        if _extra_path(path).exists():
-            state.update(json.loads(_extra_path(path).read_text()))
-    except (OSError, ValueError) as err:
-        raise _damaged(path, err, "train again, or resume from a run folder's checkpoint") from None
-    except Exception as err:  # safetensors' own error type, which it does not export
-        if type(err).__name__ != "SafetensorError":
-            raise
-        raise _damaged(path, err, "train again, or resume from a run folder's checkpoint") from None
-    model.load_state_dict(state)
+from xmc.model import CheckpointError, damaged, load_model, save_model
 
 
 def save_checkpoint(
@@ -131,8 +73,6 @@ def load_checkpoint(
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=bool(rows))
     except pickle.UnpicklingError as err:  # weights_only refuses anything but tensors and plain data
-        raise _damaged(path, err, "it holds objects xmc never writes: it was not loaded; retrain") from None
+        raise damaged(path, err, "it holds objects xmc never writes: it was not loaded; retrain") from None
     except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise _damaged(
-            path, err, "this run cannot continue from it: train again in a new --run-dir"
-        ) from None
+        raise damaged(path, err, "this run cannot continue from it: train again in a new --run-dir") from None

@@ -1,4 +1,4 @@
-"""Scoring a split: top-k predictions over all labels in bounded memory, then the XMC metrics."""
+"""Scoring a split: its top-k predictions (:mod:`xmc.inference.predict`), then the XMC metrics."""
 
 from __future__ import annotations
 
@@ -6,40 +6,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from xmc.inference.predict import predict_rows
 from xmc.metrics import evaluate
-
-
-@torch.no_grad()
-def predict_rows(
-    model,
-    source,
-    rows: np.ndarray,
-    device: torch.device,
-    precision: str,
-    batch_size: int,
-    k: int,
-    parallel=None,
-):
-    """``(scores float32 (len(rows), k), ids int32 (len(rows), k))`` of documents ``rows`` of the inputs
-    ``source``, best first, in eval mode and batches of ``batch_size``. Over several ranks
-    (``parallel``, a :class:`~xmc.train.parallel.Parallel`) every rank takes part and gets the whole."""
-    from xmc.train.loop import autocast
-
-    if parallel is not None and parallel.active:
-        return parallel.predict_rows(model, source, rows, device, precision, batch_size, k)
-
-    model.eval()
-    scores = np.empty((len(rows), k), np.float32)
-    ids = np.empty((len(rows), k), np.int32)
-    for start in range(0, len(rows), batch_size):
-        part = rows[start : start + batch_size]
-        batch = {key: v.to(device, non_blocking=True) for key, v in source.batch(part).items()}
-        with autocast(device, precision):
-            h = model.represent(batch)
-        top_scores, top_ids = model.classifier.topk(h.float(), k)
-        scores[start : start + len(part)] = top_scores.cpu().numpy()
-        ids[start : start + len(part)] = top_ids.cpu().numpy()
-    return scores, ids
 
 
 def predict_split(

@@ -31,10 +31,11 @@ from xmc.config import Config
 from xmc.losses import Positives
 from xmc.optim import LowPrecisionAdamW
 from xmc.progress import bars
+from xmc.runtime import autocast, peak_memory_label
+from xmc.sparse.rewiring import Rewiring
 from xmc.train.checkpoint import latest_checkpoint
 from xmc.train.evaluation import evaluate_split
 from xmc.train.parallel import Parallel
-from xmc.sparse.rewiring import Rewiring
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,6 @@ class Position:
     epoch_steps: int = 0  # steps applied in the current epoch so far
     examples: int = 0  # documents seen, over every session of the run (resumes included)
     train_seconds: float = 0.0  # time in the training loop, over every session of the run
-
-
-def autocast(device: torch.device, precision: str):
-    if precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(device.type, dtype=dtype)
-    return contextlib.nullcontext()
 
 
 def _schedule(warmup: float, total: int):
@@ -346,7 +340,7 @@ def train(
                 if finite and pos.step % 20 == 0:
                     value = float(loss_sum)
                     rate = examples / max(time.perf_counter() - started, 1e-9)
-                    bar.set_postfix(loss=f"{value:.4g}", ex_s=f"{rate:.0f}", mem=_memory(device))
+                    bar.set_postfix(loss=f"{value:.4g}", ex_s=f"{rate:.0f}", mem=peak_memory_label(device))
                     if writer is not None:
                         writer.add_scalar("train/loss", value, pos.step)
                         group = optimizers[-1].param_groups[0]  # its lr as configured (per label for SGD)
@@ -453,15 +447,6 @@ def _evaluate(config, model, data, inputs, device, precision, pos, run_dir, writ
     else:
         pos.evals_since_best += 1
     return bool(config.train.patience) and pos.evals_since_best >= config.train.patience
-
-
-def _memory(device: torch.device) -> str:
-    """Peak device memory (CUDA) or peak resident memory of the process (CPU), for the progress bar."""
-    if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
-    import resource
-
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f}G"
 
 
 def _tensorboard(run_dir: Path):

@@ -43,6 +43,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from xmc.inference.topk import topk_merge_lists_torch
+from xmc.losses import Positives
+from xmc.model import load_model, save_model
+from xmc.runtime import autocast
+from xmc.train.checkpoint import load_checkpoint, save_checkpoint
 from xmc.train.distributed import (
     AllGatherRows,
     Dist,
@@ -52,9 +57,6 @@ from xmc.train.distributed import (
     gather_to_main,
     sum_scalar,
 )
-from xmc.losses import Positives
-from xmc.inference.topk import topk_merge_lists_torch
-from xmc.train.checkpoint import load_checkpoint, load_model, save_checkpoint, save_model
 
 MODES = ("data", "labels")
 
@@ -289,43 +291,27 @@ class Parallel:
     # ---- prediction ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def predict_rows(self, model, source, rows: np.ndarray, device, precision: str, batch_size: int, k: int):
-        """:func:`xmc.train.evaluation.predict_rows` over the ranks: each batch of ``batch_size``
-        documents is split across ranks for the encoder; data parallel gathers the ranks' top-k rows,
-        label sharding all-gathers the representations, scores its labels and merges every rank's
-        top-k lists. Every rank returns the whole ``(scores float32, ids int32)``."""
-        from xmc.train.loop import autocast
-
+    def topk_batch(self, model, source, part: np.ndarray, device, precision: str, k: int):
+        """Top-k of the documents ``part`` (one batch of :func:`xmc.inference.predict.predict_rows`)
+        over the ranks: the batch is split across ranks for the encoder; data parallel gathers the
+        ranks' top-k rows, label sharding all-gathers the representations, scores its labels and merges
+        every rank's top-k lists. Every rank returns the whole ``(scores, ids)`` of the batch."""
         place = self.place
-        model.eval()
-        scores = np.empty((len(rows), k), np.float32)
-        ids = np.empty((len(rows), k), np.int32)
-        for start in range(0, len(rows), batch_size):
-            part = rows[start : start + batch_size]
-            n, sizes = len(part), place.sizes(len(part))
-            batch = {
-                key: v.to(device, non_blocking=True) for key, v in source.batch(part[self.rows(n)]).items()
-            }
-            with autocast(device, precision):
-                h = model.represent(batch)
-            h = h.float()
-            if self.sharded:
-                top_scores, top_ids = model.classifier.topk(gather_rows(place, h, sizes), k)  # (n, k) each
-                every = [n] * place.world
-                all_scores = gather_rows(place, top_scores, every).view(place.world, n, k)
-                all_ids = gather_rows(place, top_ids, every).view(place.world, n, k)
-                top_scores, top_ids = topk_merge_lists_torch(
-                    all_scores.permute(1, 0, 2).reshape(n, -1), all_ids.permute(1, 0, 2).reshape(n, -1), k
-                )
-            else:
-                top_scores, top_ids = model.classifier.topk(h, k)
-                top_scores, top_ids = (
-                    gather_rows(place, top_scores, sizes),
-                    gather_rows(place, top_ids, sizes),
-                )
-            scores[start : start + n] = top_scores.cpu().numpy()
-            ids[start : start + n] = top_ids.cpu().numpy()
-        return scores, ids
+        n, sizes = len(part), place.sizes(len(part))
+        batch = {key: v.to(device, non_blocking=True) for key, v in source.batch(part[self.rows(n)]).items()}
+        with autocast(device, precision):
+            h = model.represent(batch)
+        h = h.float()
+        if not self.sharded:
+            top_scores, top_ids = model.classifier.topk(h, k)
+            return gather_rows(place, top_scores, sizes), gather_rows(place, top_ids, sizes)
+        top_scores, top_ids = model.classifier.topk(gather_rows(place, h, sizes), k)  # (n, k) each
+        every = [n] * place.world
+        all_scores = gather_rows(place, top_scores, every).view(place.world, n, k)
+        all_ids = gather_rows(place, top_ids, every).view(place.world, n, k)
+        return topk_merge_lists_torch(
+            all_scores.permute(1, 0, 2).reshape(n, -1), all_ids.permute(1, 0, 2).reshape(n, -1), k
+        )
 
     # ---- which tensors are label shards ----------------------------------------------------------
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -22,76 +20,19 @@ import torch
 from xmc.config import Config, save_config
 from xmc.data.atomic import atomic_open
 from xmc.encoders import build_encoder_and_inputs
-from xmc.metrics import PROPENSITY_PRESETS, evaluate, format_table, inv_propensity
 from xmc.inference.files import save_predictions
+from xmc.metrics import PROPENSITY_PRESETS, evaluate, format_table, inv_propensity
+from xmc.model import XMCModel, build_model
+from xmc.runtime import device_name, peak_memory, reset_peak_memory, resolve_precision
 from xmc.train.data import load_data
 from xmc.train.evaluation import evaluate_split, most_frequent_topk, predict_split
 from xmc.train.lock import RunLock
 from xmc.train.loop import train
-from xmc.model import XMCModel, build_classifier
 from xmc.train.parallel import Parallel
 
 log = logging.getLogger(__name__)
 
 PREDICT_K = 100
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available: use train.device=auto or cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device, bf16: bool | None = None) -> str:
-    """``train.precision`` on ``device``: ``auto`` is bf16 on a GPU that has it, else fp32 (``no``).
-    ``bf16``: whether the GPU has bf16 (default: ask CUDA), so a CPU can resolve a GPU's choice."""
-    if name == "auto":
-        if device.type != "cuda":
-            return "no"
-        return "bf16" if (torch.cuda.is_bf16_supported() if bf16 is None else bf16) else "no"
-    return name
-
-
-def build_model(config: Config, encoder, num_labels: int, clusters: np.ndarray | None = None) -> XMCModel:
-    width = encoder.out_features
-    intermediate = None
-    if config.classifier.intermediate:
-        intermediate = _intermediate(config, width)
-        width = config.classifier.intermediate
-    classifier = build_classifier(config.classifier, width, num_labels, config.seed)
-    classifier.fused_loss = config.train.fused_loss
-    meta = None
-    if clusters is not None:
-        from xmc.classifiers.meta import MetaHead
-
-        meta = MetaHead(width, torch.from_numpy(clusters), config.classifier.meta.clusters)
-    if config.train.classifier_state == "bf16":  # the classifier side's weights live in bf16 (xmc.optim)
-        if config.classifier.type == "rps":
-            raise ValueError("train.classifier_state=bf16 serves dense and fixed_fanin classifiers, not rps")
-        classifier.to(torch.bfloat16)
-        if meta is not None:
-            meta.to(torch.bfloat16)
-    return XMCModel(encoder, classifier, intermediate, meta)
-
-
-def _intermediate(config: Config, width: int) -> torch.nn.Module:
-    """The layer between encoder and classifier: dense, or fixed fan-in (rewired, SRigL ablation)."""
-    cfg = config.classifier
-    if not cfg.intermediate_fan_in:
-        return torch.nn.Linear(width, cfg.intermediate)
-    if cfg.intermediate_fan_in > width:
-        raise ValueError(
-            f"classifier.intermediate_fan_in={cfg.intermediate_fan_in} exceeds the encoder width {width}"
-        )
-    if cfg.set.gamma and (not cfg.set.enabled or cfg.set.regrow != "gradient"):
-        raise ValueError(
-            "classifier.set.gamma > 0 (neuron ablation) needs set.enabled and set.regrow=gradient"
-        )
-    from xmc.nn import AblatableFixedFanInLinear
-
-    return AblatableFixedFanInLinear(width, cfg.intermediate, cfg.intermediate_fan_in, seed=config.seed + 1)
 
 
 def _label_clusters(config: Config, data, inputs) -> np.ndarray:
@@ -254,8 +195,8 @@ def _run(config: Config, run: Path, place, par, device, resume, progress, step_h
 
         m = config.classifier.meta
         meta_weight_fn = lambda progress_epochs: meta_weight(progress_epochs, m.lam0, m.cutoff_epoch)  # noqa: E731
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    if device.type == "cuda":  # the CPU's peak stays the whole process's, data loading included
+        reset_peak_memory(device)
     position = train(
         config,
         model,
@@ -292,7 +233,7 @@ def _run(config: Config, run: Path, place, par, device, resume, progress, step_h
         results["baseline_most_frequent"] = evaluate(test.Y, baseline, exclude=test.exclude)
     examples = position.examples
     results.update(
-        peak_memory_bytes=_peak_memory(device),
+        peak_memory_bytes=peak_memory(device),
         train_seconds=train_seconds,
         total_seconds=time.perf_counter() - started,
         examples_per_second=examples / max(train_seconds, 1e-9),
@@ -301,7 +242,7 @@ def _run(config: Config, run: Path, place, par, device, resume, progress, step_h
         skipped_steps=position.skipped,
         params=model.parameter_counts(),
         classifier_bytes=model.classifier_bytes(),
-        device=_device_name(device),
+        device=device_name(device),
         precision=precision,
         world_size=place.world,
         parallel=config.train.parallel if place.active else "none",
@@ -362,24 +303,6 @@ def _model_card(config: Config, model: XMCModel, data) -> dict:
         "format": data.format,
         "meta_clusters": config.classifier.meta.clusters if model.meta is not None else 0,
     }
-
-
-def _peak_memory(device: torch.device) -> dict:
-    if device.type == "cuda":
-        return {
-            "allocated": torch.cuda.max_memory_allocated(device),
-            "reserved": torch.cuda.max_memory_reserved(device),
-        }
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    return {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def _write_json(path: Path, value) -> None:
