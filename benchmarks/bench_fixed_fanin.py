@@ -270,15 +270,16 @@ def classifier_step(kind: str, B: int, D: int, L: int, K: int, device) -> dict:
 def rewiring(L: int, K: int, D: int, device, repeats: int = 7) -> dict:
     """Median time of one SET rewiring (fraction 0.25, random regrowth, AdamW moments reset), and of the
     rewiring plus the rebuild of the column transpose."""
+    from xmc.config import SETOptions
     from xmc.nn.fixed_fanin import FixedFanInLinear
-    from xmc.sparse.dst import SET, SETConfig
+    from xmc.sparse.dst import SET
 
     layer = FixedFanInLinear(D, L, K, device=device)
     optimizer = torch.optim.AdamW([layer.weight], lr=1e-3)
     layer.weight.grad = torch.randn_like(layer.weight)
     optimizer.step()  # creates the moments that rewiring resets
     layer.weight.grad = None
-    schedule = SET(layer, total_steps=10**9, config=SETConfig(fraction=0.25), optimizer=optimizer)
+    schedule = SET(layer, total_steps=10**9, config=SETOptions(fraction=0.25), optimizer=optimizer)
     rewire_ms, with_transpose_ms, changed = [], [], 0
     for step in range(1, repeats + 3):
         synchronize(device)

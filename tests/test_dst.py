@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from xmc.config import SETOptions
 from xmc.kernels.hashing import uniform
 from xmc.nn import FixedFanInLinear
-from xmc.sparse.dst import SET, SETConfig
+from xmc.sparse.dst import SET
 
 
 def _pairs(layer: FixedFanInLinear) -> dict[tuple[int, int], int]:
@@ -28,7 +29,7 @@ def test_rewiring_invariants_with_adam_and_sgd():
     for make in (lambda p: torch.optim.AdamW(p, lr=0.01), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)):
         layer = FixedFanInLinear(30, 25, 6, seed=5)
         optimizer = make(layer.parameters())
-        dst = SET(layer, total_steps=100, config=SETConfig(interval=1, fraction=0.5), optimizer=optimizer)
+        dst = SET(layer, total_steps=100, config=SETOptions(interval=1, fraction=0.5), optimizer=optimizer)
         for step in range(1, 5):
             _train_a_little(layer, optimizer)
             states = {
@@ -61,7 +62,7 @@ def test_rewiring_invariants_with_adam_and_sgd():
 
 def test_schedule_stops_at_end_and_decays():
     layer = FixedFanInLinear(20, 4, 4)
-    dst = SET(layer, total_steps=100, config=SETConfig(interval=10, end=0.5, fraction=0.4, floor=0.0))
+    dst = SET(layer, total_steps=100, config=SETOptions(interval=10, end=0.5, fraction=0.4, floor=0.0))
     rewired = [s for s in range(1, 101) if dst.step() is not None]
     assert rewired == [10, 20, 30, 40, 50]
     assert abs(dst.knob(0) - 0.4) < 1e-12 and abs(dst.knob(25) - 0.2) < 1e-12 and dst.knob(50) == 0.0
@@ -81,7 +82,7 @@ def _set_weights(layer: FixedFanInLinear, step: int) -> None:
 
 def test_label_shards_rewire_like_the_whole_layer():
     for prune in ("fraction", "threshold"):
-        config = SETConfig(interval=1, prune=prune, fraction=0.3, threshold=0.2)
+        config = SETOptions(interval=1, prune=prune, fraction=0.3, threshold=0.2)
         whole = FixedFanInLinear(50, 40, 9, seed=7)
         parts = [
             FixedFanInLinear(50, 20, 9, seed=7, row_offset=0),
@@ -110,7 +111,7 @@ def _fit_planted(rewire: bool) -> tuple[float, float]:
     model = FixedFanInLinear(D, L, K, bias=False, seed=1)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    config = SETConfig(interval=10, end=0.8, prune="threshold", threshold=0.15, floor=0.05)
+    config = SETOptions(interval=10, end=0.8, prune="threshold", threshold=0.15, floor=0.05)
     dst = SET(model, steps, config, optimizer) if rewire else None
     for _ in range(steps):
         x = torch.randn(128, D)

@@ -74,12 +74,13 @@ def test_kernel_reports_rows_out_of_rounds():
 @needs_cuda
 def test_cuda_layer_draws_the_cpu_ids():
     """FixedFanInLinear on CUDA (the kernel) draws the ids the CPU loop draws, and SET regrowth too."""
-    from xmc.sparse.dst import SET, SETConfig
+    from xmc.config import SETOptions
+    from xmc.sparse.dst import SET
 
     layers = [FixedFanInLinear(768, 5_003, 128, device=d, seed=3) for d in ("cpu", "cuda")]
     assert torch.equal(layers[0].indices, layers[1].indices.cpu())
     for layer in layers:
-        SET(layer, total_steps=10**6, config=SETConfig(fraction=0.25)).rewire(step=9)
+        SET(layer, total_steps=10**6, config=SETOptions(fraction=0.25)).rewire(step=9)
     assert torch.equal(layers[0].indices, layers[1].indices.cpu())
     assert torch.equal(layers[0].weight, layers[1].weight.cpu())
 

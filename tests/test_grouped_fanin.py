@@ -17,9 +17,10 @@ from conftest import assert_close
 import xmc.kernels.fixed_fanin as ff
 import xmc.kernels.grouped_fanin as gf
 from xmc.classifiers import FixedFanInClassifier
+from xmc.config import SETOptions
 from xmc.losses import Positives
 from xmc.nn import FixedFanInLinear
-from xmc.sparse.dst import SET, SETConfig
+from xmc.sparse.dst import SET
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -271,7 +272,7 @@ def test_set_rewires_whole_groups_by_summed_magnitude():
         layer.weight[8:10, 0] = 0.2  # the short last group: slot 0
         layer.weight[4:8, 3] = 0.3  # group 1: slot 3
     before = layer.indices.clone()
-    rewire = SET(layer, total_steps=100, config=SETConfig(interval=1, fraction=0.25, floor=0.25))
+    rewire = SET(layer, total_steps=100, config=SETOptions(interval=1, fraction=0.25, floor=0.25))
     changed = rewire.rewire(step=1)
     assert changed == 10  # one slot per group: 4 + 4 + 2 label connections
     pruned = {0: 2, 1: 3, 2: 0}

@@ -8,9 +8,10 @@ import torch
 
 import xmc.sparse.dst as dst_module
 from xmc.classifiers import FixedFanInClassifier
+from xmc.config import SETOptions
 from xmc.losses import Positives, dense_loss
 from xmc.nn import AblatableFixedFanInLinear, FixedFanInLinear
-from xmc.sparse.dst import SET, SETConfig, grow_by_gradient
+from xmc.sparse.dst import SET, grow_by_gradient
 
 
 def _expected_picks(ids: torch.Tensor, fill: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -58,7 +59,7 @@ def test_gradient_rewiring_matches_a_dense_computation_in_row_chunks(monkeypatch
         chunks.append((start, stop))
         return grad[start:stop]
 
-    config = SETConfig(interval=1, fraction=0.25, regrow="gradient")
+    config = SETOptions(interval=1, fraction=0.25, regrow="gradient")
     dst = SET(layer, total_steps=100, config=config, optimizer=optimizer)
     before_ids, before_w = layer.indices.long().clone(), layer.weight.detach().clone()
     prune = dst._prune_mask(before_w.abs(), dst.knob(1))
@@ -74,7 +75,7 @@ def test_gradient_rewiring_matches_a_dense_computation_in_row_chunks(monkeypatch
 
 def test_zero_gradient_slots_regrow_at_random_like_set():
     layer = FixedFanInLinear(30, 6, 5, seed=4)
-    config = SETConfig(interval=1, fraction=0.4, regrow="gradient")
+    config = SETOptions(interval=1, fraction=0.4, regrow="gradient")
     dst = SET(layer, total_steps=10, config=config)
     grad = torch.zeros(6, 30)
     grad[:, 29] = 1.0  # one informative column per row; the second regrown slot has no signal
@@ -91,11 +92,13 @@ def test_zero_gradient_slots_regrow_at_random_like_set():
 def test_gradient_regrowth_needs_a_gradient():
     layer = FixedFanInLinear(10, 4, 3)
     with pytest.raises(ValueError, match="grad_fn"):
-        SET(layer, 10, SETConfig(interval=1, regrow="gradient")).step()
+        SET(layer, 10, SETOptions(interval=1, regrow="gradient")).step()
     with pytest.raises(ValueError, match="regrow=gradient"):
-        SETConfig(gamma=0.3)
+        SET(layer, 10, SETOptions(gamma=0.3))
+    with pytest.raises(ValueError, match="classifier.set.fraction must be in"):
+        SET(layer, 10, SETOptions(fraction=1.5))
     with pytest.raises(ValueError, match="never labels"):
-        SET(layer, 10, SETConfig(regrow="gradient", gamma=0.3))
+        SET(layer, 10, SETOptions(regrow="gradient", gamma=0.3))
 
 
 def test_classifier_dense_gradient_equals_autograd_on_the_dense_weight():
@@ -121,7 +124,7 @@ def _ablation_setup(gamma=0.5):
         layer.weight[[2, 7]] = 1e-6  # ...but two neurons with nothing salient by magnitude...
     grad = torch.rand(10, 20) + 0.5
     grad[[2, 7]] = 0.0  # ...nor by gradient
-    config = SETConfig(interval=1, fraction=0.5, regrow="gradient", gamma=gamma)
+    config = SETOptions(interval=1, fraction=0.5, regrow="gradient", gamma=gamma)
     return layer, optimizer, grad, SET(layer, total_steps=100, config=config, optimizer=optimizer)
 
 

@@ -66,13 +66,16 @@ class EncoderConfig:
 
 @dataclass
 class SETOptions:
+    """The rewiring schedule of a fixed fan-in layer (``classifier.set``; :class:`xmc.sparse.dst.SET`).
+    Defaults follow the SPARTEX settings for large label sets."""
+
     enabled: bool = True  # rewire the fixed fan-in classifier during training
-    interval: int = 800  # optimizer steps between rewirings
-    end: float = 0.66  # stop rewiring after this fraction of the steps
-    prune: str = "fraction"  # fraction or threshold
-    fraction: float = 0.25
-    threshold: float = 0.01
-    floor: float = 1e-4  # the pruning knob decays on a cosine to this value
+    interval: int = 800  # optimizer steps between rewirings; shorter = more exploration, more noise
+    end: float = 0.66  # stop rewiring after this fraction of the steps, so the final ids settle
+    prune: str = "fraction"  # fraction (the same count every row) or threshold (|w| below a bound)
+    fraction: float = 0.25  # share of each row pruned per rewiring (prune=fraction)
+    threshold: float = 0.01  # magnitude bound (prune=threshold)
+    floor: float = 1e-4  # the pruning knob decays on a cosine to this value at `end`
     regrow: str = "random"  # random (SET) or gradient (RigL: largest |dense gradient| of a batch, per row)
     gamma: float = 0.0  # SRigL neuron ablation in a sparse intermediate layer (needs regrow=gradient):
     # a neuron with fewer than gamma * K salient connections is removed; 0 = never (SRigL uses 0.3)
@@ -333,14 +336,22 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
         else:
             values[f.name] = _coerce(dotted, raw[f.name], kind)
     obj = cls(**values)
-    for f in dataclasses.fields(cls):
+    check_options(obj, prefix)
+    return obj
+
+
+def check_options(obj: Any, prefix: str) -> None:
+    """Raise :class:`ConfigError` unless the fields of the dataclass ``obj`` (the section ``prefix``,
+    e.g. ``"classifier.set."``) are among their :data:`CHOICES` and inside their :data:`RANGES`. Loading
+    a config checks every section; code handed a section directly (e.g. :class:`xmc.sparse.dst.SET`)
+    checks it the same way."""
+    for f in dataclasses.fields(obj):
         dotted = prefix + f.name
         value = getattr(obj, f.name)
         if dotted in CHOICES and value not in CHOICES[dotted]:
             raise ConfigError(f"{dotted} must be one of {', '.join(CHOICES[dotted])}, got {value!r}")
         if dotted in RANGES:
             _check_range(dotted, value)
-    return obj
 
 
 def _check_range(key: str, value: float) -> None:

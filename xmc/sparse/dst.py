@@ -32,48 +32,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
+from xmc.config import SETOptions, check_options
 from xmc.nn.ablation import AblatableFixedFanInLinear
 from xmc.nn.fixed_fanin import FixedFanInLinear
 from xmc.sparse.ids import REGROW_IDS, fill_distinct
 
 _ROW_CHUNK = 1 << 16
 _GRAD_ELEMENTS = 1 << 24  # a gradient row chunk holds at most this many fp32 values (64 MiB)
-
-
-@dataclass
-class SETConfig:
-    """SET schedule. Defaults follow the SPARTEX settings for large label sets."""
-
-    interval: int = 800  # optimizer steps between rewirings; shorter = more exploration, more noise
-    end: float = 0.66  # stop rewiring after this fraction of the total steps, so the final ids settle
-    prune: str = "fraction"  # "fraction" (same count every row) or "threshold" (|w| below a bound)
-    fraction: float = 0.25  # share of each row pruned per rewiring (prune="fraction")
-    threshold: float = 0.01  # magnitude bound (prune="threshold")
-    floor: float = 1e-4  # the active knob decays on a cosine to this value at `end`
-    regrow: str = "random"  # "random" (SET) or "gradient" (RigL: largest |dense gradient| per row)
-    gamma: float = 0.0  # SRigL ablation: salient share of K below which a neuron is removed (0: never)
-
-    def __post_init__(self) -> None:
-        if self.prune not in ("fraction", "threshold"):
-            raise ValueError(f"prune must be 'fraction' or 'threshold', got {self.prune!r}")
-        if self.interval < 1:
-            raise ValueError(f"interval must be >= 1, got {self.interval}")
-        if not 0 <= self.end <= 1:
-            raise ValueError(f"end is a fraction of the training steps in [0, 1], got {self.end}")
-        if not 0 <= self.fraction <= 1:
-            raise ValueError(f"fraction must be in [0, 1], got {self.fraction}")
-        if self.threshold < 0 or self.floor < 0:
-            raise ValueError("threshold and floor must be non-negative")
-        if self.regrow not in ("random", "gradient"):
-            raise ValueError(f"regrow must be 'random' or 'gradient', got {self.regrow!r}")
-        if not 0 <= self.gamma <= 1:
-            raise ValueError(f"gamma is a fraction of the fan-in in [0, 1], got {self.gamma}")
-        if self.gamma and self.regrow != "gradient":
-            raise ValueError("neuron ablation (gamma > 0) judges saliency by gradients: set regrow=gradient")
 
 
 GradFn = Callable[[int, int], torch.Tensor]
@@ -86,7 +55,7 @@ class SET:
     Args:
         layer: the fixed fan-in layer to rewire (in place).
         total_steps: the run's total optimizer steps (sets ``end`` and the cosine decay).
-        config: the schedule.
+        config: the schedule (``classifier.set`` of the config); its ``enabled`` is the caller's.
         optimizer: the optimizer (or a list of them) whose per-slot state of ``layer.weight`` is reset
             for regrown slots (optional).
         seed: keys the regrowth randomness; defaults to the layer's seed.
@@ -96,12 +65,18 @@ class SET:
         self,
         layer: FixedFanInLinear,
         total_steps: int,
-        config: SETConfig | None = None,
+        config: SETOptions | None = None,
         optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
         seed: int | None = None,
     ) -> None:
         self.layer, self.total_steps = layer, total_steps
-        self.config = config or SETConfig()
+        self.config = config or SETOptions()
+        check_options(self.config, "classifier.set.")
+        if self.config.gamma and self.config.regrow != "gradient":
+            raise ValueError(
+                "neuron ablation (classifier.set.gamma > 0) judges saliency by gradients: "
+                "set classifier.set.regrow=gradient"
+            )
         if self.config.gamma and not isinstance(layer, AblatableFixedFanInLinear):
             raise ValueError("neuron ablation (gamma > 0) needs an AblatableFixedFanInLinear (never labels)")
         optimizers = [] if optimizer is None else [optimizer] if hasattr(optimizer, "state") else optimizer
@@ -278,7 +253,7 @@ class SET:
     def load_state_dict(self, state: dict) -> None:
         self.steps, self.rewirings = int(state["steps"]), int(state["rewirings"])
         self.seed, self.total_steps = int(state["seed"]), int(state["total_steps"])
-        self.config = SETConfig(**state["config"])
+        self.config = SETOptions(**state["config"])
 
 
 def grow_by_gradient(

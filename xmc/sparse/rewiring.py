@@ -16,20 +16,21 @@ On the micro-batch that ends a window whose optimizer step rewires, :meth:`Rewir
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 
 from xmc.config import Config
 from xmc.losses import Positives
 from xmc.nn import FixedFanInLinear
-from xmc.sparse.dst import SET, SETConfig
+from xmc.sparse.dst import SET
 
 
 class Rewiring:
     """SET / RigL / SRigL schedules of ``model``'s fixed fan-in layers; ``step`` after each optimizer step."""
 
     def __init__(self, config: Config, model, total_steps: int, optimizers: list[torch.optim.Optimizer]):
-        options = {k: v for k, v in vars(config.classifier.set).items() if k != "enabled"}
+        options = config.classifier.set
         self.model, self.kind = model, config.train.loss
         self.schedules: dict[str, SET] = {}
         self._seen: dict[str, torch.Tensor] = {}
@@ -37,13 +38,13 @@ class Rewiring:
         if not config.classifier.set.enabled:
             return
         if isinstance(getattr(model.classifier, "layer", None), FixedFanInLinear):
-            labels = SETConfig(**{**options, "gamma": 0.0})  # output labels are never ablated
+            labels = dataclasses.replace(options, gamma=0.0)  # output labels are never ablated
             self.schedules["classifier"] = SET(
                 model.classifier.layer, total_steps, labels, optimizers, config.seed
             )
         if isinstance(model.intermediate, FixedFanInLinear):
             self.schedules["intermediate"] = SET(
-                model.intermediate, total_steps, SETConfig(**options), optimizers, config.seed + 1
+                model.intermediate, total_steps, options, optimizers, config.seed + 1
             )
 
     def __bool__(self) -> bool:
