@@ -33,20 +33,13 @@ from common import append_row, git_revision
 RESULTS = Path(__file__).parent / "results" / "fips_memory.jsonl"
 
 
-def _status(field: str) -> int:
-    """A ``/proc/self/status`` memory field in bytes (VmRSS, VmHWM)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def measure(folder: str, batch: int, length: int, repeats: int, sparse: bool) -> dict:
     """Runs in its own process: load, reset the peak, forward passes."""
     import torch
 
     from xmc.compress.fips import FipsLinear
     from xmc.encoders import TransformerEncoder
+    from xmc.runtime import peak_memory, reset_peak_memory, resident_bytes
 
     FipsLinear.sparse_products = sparse
     torch.manual_seed(0)
@@ -56,8 +49,9 @@ def measure(folder: str, batch: int, length: int, repeats: int, sparse: bool) ->
         "input_ids": torch.randint(1000, vocab, (batch, length)),
         "attention_mask": torch.ones(batch, length, dtype=torch.int64),
     }
-    loaded = _status("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # peak resident memory := current
+    loaded = resident_bytes()[0]
+    if not reset_peak_memory(torch.device("cpu")):  # peak resident memory := current
+        raise SystemExit("this benchmark resets the resident peak through /proc (Linux 4.0 and later)")
     times = []
     with torch.no_grad():
         for _ in range(repeats):
@@ -65,7 +59,9 @@ def measure(folder: str, batch: int, length: int, repeats: int, sparse: bool) ->
             encoder(inputs)
             times.append(time.perf_counter() - started)
             if len(times) == 1:
-                peak = _status("VmHWM")  # the first pass: nothing cached from an earlier one
+                peak = peak_memory(torch.device("cpu"))[
+                    "rss"
+                ]  # the first pass: nothing cached from an earlier one
     return {
         "rss_loaded_bytes": loaded,
         "forward_peak_rss_bytes": peak,

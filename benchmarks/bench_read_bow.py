@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import statistics
 import tempfile
 import time
@@ -24,6 +23,7 @@ from common import append_row, git_revision
 
 from xmc import __version__
 from xmc.data import read_bow, write_bow
+from xmc.runtime import resident_bytes
 
 RESULTS = Path(__file__).parent / "results" / "read_bow.jsonl"
 
@@ -60,14 +60,14 @@ def main() -> None:
         write_s = time.perf_counter() - start
         size = os.path.getsize(path)
         del X, Y
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss_before = resident_bytes()[1] // 1024
         times = []
         for _ in range(args.repeat):
             start = time.perf_counter()
             X2, Y2 = read_bow(path)
             times.append(time.perf_counter() - start)
             del X2, Y2
-        rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss_peak = resident_bytes()[1] // 1024
     revision = git_revision()
     row = {
         "bench": "read_bow",

@@ -31,6 +31,7 @@ from common import append_row, git_revision
 
 from xmc.memory.measure import build_step
 from xmc.memory.planner import ENCODERS, Plan, encoder_spec, estimate
+from xmc.runtime import device_name, peak_memory, reset_peak_memory
 
 RESULTS = Path(__file__).parent / "results" / "train_step.jsonl"
 
@@ -43,7 +44,7 @@ def run_one(
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory(device)
         base = torch.cuda.memory_allocated(device)
     started = time.perf_counter()
     model, step = build_step(plan, backend, device, loss, state)
@@ -66,8 +67,9 @@ def run_one(
         "estimate_bytes": sum(estimate(plan, (backend,))[backend].values()),
     }
     if cuda:
-        row["peak_allocated_bytes"] = torch.cuda.max_memory_allocated(device) - base
-        row["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+        peak = peak_memory(device)
+        row["peak_allocated_bytes"] = peak["allocated"] - base
+        row["peak_reserved_bytes"] = peak["reserved"]
         row["peak_allocated_gib"] = row["peak_allocated_bytes"] / 2**30
         row["estimate_ratio"] = row["peak_allocated_bytes"] / row["estimate_bytes"]
     del model, step
@@ -112,7 +114,7 @@ def main() -> None:
         )
     device = torch.device(args.device)
     meta = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(device),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),

@@ -36,23 +36,20 @@ def append_row(path: Path, row: dict) -> None:
 
 
 def pick_device(name: str):
-    """``torch.device`` for ``auto`` (CUDA when present), ``cuda`` or ``cpu``; exits with the fix when
-    ``cuda`` is asked for and absent."""
-    import torch
+    """``torch.device`` for ``auto`` (CUDA when present), ``cuda`` or ``cpu``
+    (:func:`xmc.runtime.resolve_device`); exits with the fix when ``cuda`` is asked for and absent."""
+    from xmc.runtime import resolve_device
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run on a GPU, or pass --device cpu to smoke-test at small sizes")
-    return torch.device(name)
+    try:
+        return resolve_device(name, "--device")
+    except ValueError as err:
+        raise SystemExit(f"{err} (a GPU benchmark smoke-tests on the CPU at small sizes)") from None
 
 
 def device_name(device) -> str:
-    import torch
+    from xmc.runtime import device_name as name
 
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return name(device)
 
 
 def environment(device) -> dict:
@@ -100,21 +97,21 @@ def allocated(device) -> int:
 
 
 def reset_peak(device) -> None:
-    import torch
+    """Start a new CUDA peak (:func:`xmc.runtime.reset_peak_memory`); nothing on the CPU."""
+    from xmc.runtime import reset_peak_memory
 
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+        reset_peak_memory(device)
 
 
 def peak_allocated(device) -> int | None:
     """Peak bytes allocated since :func:`reset_peak` (CUDA); None on the CPU."""
-    import torch
+    from xmc.runtime import peak_memory
 
     if device.type != "cuda":
         return None
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device)
+    synchronize(device)
+    return peak_memory(device)["allocated"]
 
 
 def timed(fn, device=None) -> dict:

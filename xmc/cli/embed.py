@@ -78,16 +78,6 @@ def read_documents(path: str, fields: list[str]) -> list[str]:
     return documents
 
 
-def _device(choice: str):
-    import torch
-
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was requested but CUDA is not available: use --device cpu or auto")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -100,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         load_tokenizer,
         resolve_model_path,
     )
+    from xmc.runtime import resolve_device
 
     fields = [f.strip() for f in args.fields.split(",") if f.strip()]
     bad = [f for f in fields if f not in _FIELDS]
@@ -112,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.exists(args.input):
         raise UsageError(f"--input {args.input}: no such file")
     path = resolve_model_path(args.encoder)  # FileNotFoundError: one line, exit code 2
-    device = _device(args.device)
+    device = resolve_device(args.device, "--device")  # ValueError: one line, exit code 2
     encoder = TransformerEncoder.from_pretrained(path, pooling=args.pooling)
     limit = encoder.max_positions
     if limit is not None and args.max_length > limit:

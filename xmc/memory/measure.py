@@ -9,33 +9,9 @@ baseline before the model is built.
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 from xmc.memory.planner import Plan, estimate
-
-
-def _rss() -> tuple[int, int]:
-    """(current, peak) resident bytes of this process; Linux /proc, else ``resource`` for both."""
-    try:
-        fields = dict(
-            line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
-        )
-        return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return peak, peak
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's resident high-water mark (Linux >= 4.0); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
+from xmc.runtime import peak_memory, reset_peak_memory, resident_bytes, resolve_device
 
 
 def synthetic_batch(plan: Plan, rows: int, device, generator):
@@ -70,9 +46,7 @@ def measure(plan: Plan, backend: str, steps: int = 3, device: str | None = None)
 
     if plan.world_size != 1:
         raise ValueError("--measure runs on one device: drop --world-size")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible to PyTorch")
+    dev = resolve_device(device or "auto", "--device")
     plan = replace(plan, device=dev.type, grad_accum=1)
     estimate_total = sum(estimate(plan, (backend,))[backend].values())
     spec = plan.encoder
@@ -99,19 +73,15 @@ def measure(plan: Plan, backend: str, steps: int = 3, device: str | None = None)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-    else:
-        reset = _reset_peak_rss()
-        base, _ = _rss()
+    reset = reset_peak_memory(dev)
+    base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else resident_bytes()[0]
     loss = _train_steps(plan, backend, dev, steps)  # with the plan's classifier state
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev) - base
+        peak = peak_memory(dev)["allocated"] - base
         how = "torch.cuda.max_memory_allocated over the allocation before the model was built"
     else:
-        _, high = _rss()
-        peak = high - base
+        peak = peak_memory(dev)["rss"] - base
         how = "peak resident set (VmHWM) over the resident set before the model was built"
         if not reset:
             how += " (the peak could not be reset: it may include earlier peaks of this process)"

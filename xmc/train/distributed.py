@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from xmc.classifiers.base import shard_range
+from xmc.runtime import resolve_device
 
 TIMEOUT = datetime.timedelta(minutes=30)  # a collective waits this long for a slow rank (e.g. a checkpoint)
 # Dtypes gloo does not reduce or send; they travel as int32.
@@ -69,9 +70,7 @@ def setup(device: str = "auto") -> tuple[Dist, torch.device]:
     ``device`` is ``train.device``: ``auto`` takes CUDA when present. Under a launcher with CUDA, rank
     ``r`` uses GPU ``LOCAL_RANK`` and NCCL; on CPU, gloo. Without a launcher: ``Dist()`` and the device.
     """
-    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available: use train.device=auto or cpu")
+    want_cuda = resolve_device(device).type == "cuda"
     if not launched():
         return Dist(), torch.device("cuda" if want_cuda else "cpu")
     missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
