@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import xmc.classifiers.base as base
+import xmc.classifiers.chunked as chunked
 from xmc.classifiers import DenseClassifier, FixedFanInClassifier
 from xmc.losses import Positives, dense_loss
 
@@ -40,17 +40,17 @@ def test_positives_formats_agree():
 @pytest.mark.parametrize("kind", ["dense", "fixed_fanin"])
 @pytest.mark.parametrize("loss", ["bce", "squared_hinge"])
 def test_chunked_loss_matches_full_logits(kind, loss, monkeypatch):
-    monkeypatch.setattr(base, "CHUNK_ELEMENTS", B * 7)  # 7 labels a chunk: 8 chunks, the last one short
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", B * 7)  # 7 labels a chunk: 8 chunks, the last one short
     clf = _make(kind)
     assert clf.label_chunk(B) == 7
     h = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
     positives = _positives()
-    chunked = clf.loss(h, positives, loss)
-    grads = torch.autograd.grad(chunked, [h, *clf.label_parameters()])
+    loss_value = clf.loss(h, positives, loss)
+    grads = torch.autograd.grad(loss_value, [h, *clf.label_parameters()])
     h2 = h.detach().clone().requires_grad_(True)
     full = dense_loss(clf(h2), positives, loss)
     expected = torch.autograd.grad(full, [h2, *clf.label_parameters()])
-    torch.testing.assert_close(chunked, full.to(chunked.dtype), rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss_value, full.to(loss_value.dtype), rtol=1e-6, atol=0)
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
 
@@ -60,7 +60,7 @@ def test_dense_over_mostly_zero_columns_matches_full_logits(monkeypatch):
     loss and gradients (bias and input included) as the full product."""
     from xmc.classifiers.dense import active_columns
 
-    monkeypatch.setattr(base, "CHUNK_ELEMENTS", B * 7)
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", B * 7)
     torch.manual_seed(0)
     clf = DenseClassifier(40, L, dtype=torch.float64)
     h = torch.zeros(B, 40, dtype=torch.float64)
@@ -68,12 +68,12 @@ def test_dense_over_mostly_zero_columns_matches_full_logits(monkeypatch):
     h[0, 5] = 0.5
     assert active_columns(h).tolist() == [3, 5, 17, 30]
     h.requires_grad_(True)
-    chunked = clf.loss(h, _positives(), "bce")
-    grads = torch.autograd.grad(chunked, [h, *clf.label_parameters()])
+    loss_value = clf.loss(h, _positives(), "bce")
+    grads = torch.autograd.grad(loss_value, [h, *clf.label_parameters()])
     h2 = h.detach().clone().requires_grad_(True)
     full = dense_loss(torch.nn.functional.linear(h2, clf.weight, clf.bias), _positives(), "bce")
     expected = torch.autograd.grad(full, [h2, *clf.label_parameters()])
-    torch.testing.assert_close(chunked, full, rtol=1e-12, atol=0)
+    torch.testing.assert_close(loss_value, full, rtol=1e-12, atol=0)
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
     assert float(grads[1][:, 4].abs().max()) == 0.0  # a column no document holds
@@ -85,7 +85,7 @@ def test_dense_over_mostly_zero_columns_matches_full_logits(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["dense", "fixed_fanin"])
 def test_topk_is_exact_with_ties_to_the_lower_id(kind, monkeypatch):
-    monkeypatch.setattr(base, "CHUNK_ELEMENTS", B * 10)
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", B * 10)
     clf = _make(kind)
     with torch.no_grad():  # coarse weights make many equal scores
         for p in clf.label_parameters():

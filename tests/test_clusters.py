@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-import xmc.classifiers.base as base
+import xmc.classifiers.chunked as chunked
 import xmc.clusters as clusters
 from xmc.cache import cache_dir
 from xmc.classifiers.meta import MetaHead, meta_positives, meta_weight
@@ -167,7 +167,7 @@ def test_meta_weight_schedule():
 
 @pytest.mark.parametrize("kind", ["bce", "squared_hinge"])
 def test_meta_head_loss_matches_dense_loss_by_hand(kind, monkeypatch):
-    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 4 * 2)  # 2 clusters a chunk: the chunked path runs
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 4 * 2)  # 2 clusters a chunk: the chunked path runs
     torch.manual_seed(0)
     cluster_of_label = torch.tensor([2, 0, 2, 1, 0, 1, 4, 3])
     head = MetaHead(7, cluster_of_label, dtype=torch.float64)

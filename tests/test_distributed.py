@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from xmc.classifiers import DenseClassifier, FixedFanInClassifier
-from xmc.classifiers.base import shard_range
+from xmc.classifiers.chunked import shard_range
 from xmc.config import load_config
 from xmc.inference.topk import topk_dense, topk_merge_lists_torch, topk_merge_torch
 from xmc.train.distributed import Dist

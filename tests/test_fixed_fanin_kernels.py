@@ -200,12 +200,12 @@ def test_triton_input_gradient_of_a_label_block(poisoned, monkeypatch, range_byt
 def test_classifier_chunked_loss_on_the_triton_path(loss, poisoned, monkeypatch):
     """The label-chunked loss through the kernels (interpreted): each chunk's input gradient from the
     layer's cached transpose; loss and gradients as the reference backend gives them."""
-    import xmc.classifiers.base as base
+    import xmc.classifiers.chunked as chunked
     import xmc.classifiers.fixed_fanin as clf_module
     from xmc.classifiers import FixedFanInClassifier
     from xmc.losses import Positives
 
-    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 4 * 9)  # 9 labels a chunk over 40: 5 chunks
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 4 * 9)  # 9 labels a chunk over 40: 5 chunks
     positives = Positives.from_lists([[0, 5], [], [39, 12], [1, 2, 3, 20]], 40)
     h0 = torch.randn(4, 19, generator=torch.Generator().manual_seed(1))
     results = []

@@ -146,9 +146,9 @@ def _loss_and_grads(clf, h0, positives, kind, fused, weight=0.7, micro=1):
 @pytest.mark.parametrize("kind", ["bce", "squared_hinge"])
 @pytest.mark.parametrize("name", ["dense", "fixed_fanin", "grouped", "rps"])
 def test_fused_loss_equals_the_recomputing_loss(name, kind, monkeypatch):
-    import xmc.classifiers.base as base
+    import xmc.classifiers.chunked as chunked
 
-    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 6 * 9)  # several label chunks at B = 6
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 6 * 9)  # several label chunks at B = 6
     _, _, _, _, positives = random_case(6, 13, 37, 4, 14, device="cpu")
     h0 = torch.randn(6, 13, generator=torch.Generator().manual_seed(4))
     clf = _classifiers()[name]()
@@ -189,10 +189,10 @@ def test_loss_without_gradients_takes_no_fused_pass():
 def test_classifier_fused_kernel_path(kind, poisoned, monkeypatch):
     """The classifier's fused pass through the Triton kernel (interpreted), several label chunks, against
     the same classifier on the reference path."""
-    import xmc.classifiers.base as base
+    import xmc.classifiers.chunked as chunked
     import xmc.classifiers.fixed_fanin as clf_module
 
-    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 5 * 16)
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 5 * 16)
     _, _, _, _, positives = random_case(5, 17, 50, 6, 12, device="cpu")
     h0 = torch.randn(5, 17, generator=torch.Generator().manual_seed(6))
     results = []

@@ -218,10 +218,10 @@ def test_layer_from_dense_keeps_each_groups_strongest_columns():
 def test_classifier_chunked_loss(loss, triton_path, poisoned, monkeypatch):
     """The label-chunked loss of a grouped classifier (chunks on group boundaries) against autograd
     through the dense view of the same weights."""
-    import xmc.classifiers.base as base
+    import xmc.classifiers.chunked as chunked
     import xmc.classifiers.fixed_fanin as clf_module
 
-    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 4 * 11)  # 11 labels a chunk -> 8 (two groups of 4)
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 4 * 11)  # 11 labels a chunk -> 8 (two groups of 4)
     on = (lambda backend, x, weight: True) if triton_path else (lambda backend, x, weight: False)
     monkeypatch.setattr(gf, "use_triton", on)
     monkeypatch.setattr(clf_module, "use_triton", on)

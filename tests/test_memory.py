@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from xmc.cli import main
-from xmc.memory.measure import _rss
 from xmc.memory.planner import (
     CUDA_RESERVE,
     ENCODERS,
@@ -26,6 +25,7 @@ from xmc.memory.planner import (
     preset_plan,
     report,
 )
+from xmc.runtime import resident_bytes
 
 # A transformer small enough to count by hand: H=8, 1 layer, 2 heads, I=16, vocab 10, 4 positions, 2 types.
 TINY = EncoderSpec("tiny", hidden=8, layers=1, heads=2, intermediate=16, vocab=10, positions=4, token_types=2)
@@ -142,7 +142,7 @@ def test_classifier_state_bytes_in_half_precision_and_with_master_weights():
 
 
 def test_chunk_gradient_counted_only_when_labels_take_several_chunks():
-    from xmc.classifiers.base import CHUNK_ELEMENTS, label_chunk
+    from xmc.classifiers.chunked import CHUNK_ELEMENTS, label_chunk
 
     one = estimate(plan(labels=1000, batch=8), ("dense",))["dense"]
     assert one["classifier chunk_gradient"] == 0
@@ -169,9 +169,9 @@ def test_gradient_checkpointing_accumulation_and_heads():
 
 
 def test_estimates_never_build_the_model():
-    before, _ = _rss()
+    before, _ = resident_bytes()
     data = report(Plan(labels=2_812_281, fan_in=64, batch=128))
-    after, _ = _rss()
+    after, _ = resident_bytes()
     dense = data["backends"]["dense"]["components"]["classifier weights"]
     assert dense == 4 * (2_812_281 * 768 + 2_812_281)  # 8 GiB described ...
     assert after - before < 64 * 2**20  # ... without allocating it

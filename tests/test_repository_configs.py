@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from xmc.classifiers.base import fused_loss_applies
+from xmc.classifiers.chunked import fused_loss_applies
 from xmc.classifiers.meta import cluster_count
 from xmc.config import load_config
 from xmc.data.synth import SynthOptions, synthesize

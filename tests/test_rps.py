@@ -18,11 +18,12 @@ TRITON_IMPORTED_COMPILED = "triton" in sys.modules and os.environ.get("TRITON_IN
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import xmc.classifiers.base as base  # noqa: E402
+import xmc.classifiers.chunked as chunked  # noqa: E402
 import xmc.kernels.rps as rps  # noqa: E402  (after TRITON_INTERPRET)
 from xmc.classifiers.rps import RPSClassifier  # noqa: E402
 from xmc.kernels.hashing import hash_keys  # noqa: E402
 from xmc.losses import Positives, dense_loss  # noqa: E402
+from xmc.memory.bytes import logits_bytes  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -343,7 +344,7 @@ def test_classifier_loss_matches_dense(method, backend, monkeypatch, request):
     if backend == "triton":
         request.getfixturevalue("interpreted")
         monkeypatch.setattr(rps, "_use_triton", lambda backend, x, array: True)
-    monkeypatch.setattr(base, "CHUNK_ELEMENTS", B * 16)  # 16 labels a chunk: 5 chunks, the last has 6
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", B * 16)  # 16 labels a chunk: 5 chunks, the last has 6
     device = DEVICE if backend == "triton" else "cpu"
     clf = RPSClassifier(
         D, N, method=method, size=M, tile=TILE, seed=4, label_offset=OFFSET, total_labels=TOTAL, array_std=1.0
@@ -444,7 +445,7 @@ def test_state_bytes(monkeypatch):
         "gradients": 4 * params,
         "optimizer": 8 * params,  # AdamW: two fp32 moments
         "workspace": 4 * N * D,  # one label chunk (all 70 labels) of fp32 weights; its array grad is the grad
-        "logits": base.logits_bytes(N, 5),
+        "logits": logits_bytes(N, 5),
         "chunk_gradient": 0,  # one chunk: its bias gradient is the whole gradient
     }
     m = math.ceil(N * D / 8)
@@ -453,10 +454,10 @@ def test_state_bytes(monkeypatch):
     assert half["weights"] == half["gradients"] == 2 * m
     assert half["master_weights"] == half["optimizer"] == 4 * m  # fp32 copy; one fp32 momentum
     assert half["workspace"] == 4 * N * D + 4 * m  # the fp32 buffer before its cast (the gradient)
-    monkeypatch.setattr(base, "CHUNK_ELEMENTS", 5 * 16)  # 16 labels a chunk
-    chunked = RPSClassifier.state_bytes(D, N, batch_size=5, param_bytes=2, size=M)
-    assert chunked["workspace"] == 4 * 16 * D + 4 * M + 2 * M
-    assert chunked["chunk_gradient"] == 16 * 2  # a chunk's bias rows
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 5 * 16)  # 16 labels a chunk
+    chunked_bytes = RPSClassifier.state_bytes(D, N, batch_size=5, param_bytes=2, size=M)
+    assert chunked_bytes["workspace"] == 4 * 16 * D + 4 * M + 2 * M
+    assert chunked_bytes["chunk_gradient"] == 16 * 2  # a chunk's bias rows
     # Apart from the bias, parameters, gradients and optimizer state depend on m alone, not on L * D.
     small = RPSClassifier.state_bytes(768, 1_000, batch_size=64, size=10_000, bias=False)
     large = RPSClassifier.state_bytes(768, 1_000_000, batch_size=64, size=10_000, bias=False)

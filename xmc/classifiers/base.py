@@ -16,6 +16,9 @@ The training loop, the memory planner and prediction talk to classifiers only th
 - ``shard(rank, world)``: the same classifier restricted to a contiguous label range;
   ``label_state_names()`` names what a shard slices (label-indexed weights and ids).
 
+The chunked loss itself (its two autograd functions) and the label ranges live in
+:mod:`xmc.classifiers.chunked`; the byte arithmetic behind ``state_bytes`` in :mod:`xmc.memory.bytes`.
+
 A backend implements ``chunk_logits`` and ``chunk_backward`` for a label range (and may replace
 ``chunk_loss_step``, a chunk's loss with its gradients, by a fused kernel) and lists its
 label-indexed parameters in ``label_parameters`` (dimension 0 runs over labels) and any parameters
@@ -28,13 +31,10 @@ import abc
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
+from xmc.classifiers.chunked import ChunkedLoss, FusedChunkedLoss, fp16_loss, fused_loss_applies, label_chunk
 from xmc.inference.topk import topk_merge_torch
 from xmc.losses import Positives, chunk_loss_and_grad
-
-# Scores held per label chunk: B x chunk <= this many elements (16 MiB in fp32).
-CHUNK_ELEMENTS = 1 << 22
 
 
 class Classifier(nn.Module, abc.ABC):
@@ -141,9 +141,9 @@ class Classifier(nn.Module, abc.ABC):
             )
         params = [*self.label_parameters(), *self.shared_parameters()]
         wanted = h.requires_grad or any(p.requires_grad for p in params)
-        if torch.is_grad_enabled() and wanted and fused_loss_applies(self.fused_loss, fp16=_fp16(h)):
-            return _FusedChunkedLoss.apply(h, positives, self, kind, *params)
-        return _ChunkedLoss.apply(h, positives, self, kind, *params)
+        if torch.is_grad_enabled() and wanted and fused_loss_applies(self.fused_loss, fp16=fp16_loss(h)):
+            return FusedChunkedLoss.apply(h, positives, self, kind, *params)
+        return ChunkedLoss.apply(h, positives, self, kind, *params)
 
     def chunk_loss_step(
         self,
@@ -194,166 +194,3 @@ class Classifier(nn.Module, abc.ABC):
                 best_scores, best_ids, scores, self.label_offset + start, k
             )
         return best_scores, best_ids
-
-
-def fused_loss_applies(fused_loss: bool, fp16: bool) -> bool:
-    """Whether a training step computes the classifier's gradients with its loss in one pass (the fused
-    path; on CUDA, for a plain fixed fan-in layer, one Triton kernel per label range, at any batch size):
-    ``train.fused_loss`` on and no fp16. Under fp16 (activations, or autocast to fp16) a chunk's gradient
-    must be multiplied by the loss scale before it is rounded, and only the backward pass knows that scale,
-    so the loss recomputes each chunk's logits there. The runtime decides with this function, and the
-    shipped configs are checked with it (they use bf16, where both precisions exist)."""
-    return fused_loss and not fp16
-
-
-def _fp16(h: torch.Tensor) -> bool:
-    """Whether the loss meets fp16 (activations, or autocast to fp16): its gradients are then scaled by the
-    loss scale before they are rounded, which only the backward pass knows."""
-    device = h.device.type
-    return h.dtype == torch.float16 or (
-        torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
-    )
-
-
-def label_chunk(num_labels: int, batch_size: int) -> int:
-    """Labels scored at a time for a batch of ``batch_size`` (B x chunk <= ``CHUNK_ELEMENTS``)."""
-    return max(1, min(num_labels, CHUNK_ELEMENTS // max(batch_size, 1)))
-
-
-def logits_bytes(num_labels: int, batch_size: int) -> int:
-    """The chunked loss's working set, bounded by four label-chunk blocks in fp32: the scores, their fp32
-    copy (under autocast), the loss gradient and its scaled copy, alive together in backward."""
-    return 4 * batch_size * label_chunk(num_labels, batch_size) * 4
-
-
-def chunk_gradient_bytes(num_labels: int, batch_size: int, row_params: int, param_bytes: int) -> int:
-    """A label chunk's parameter gradient before it is written into the whole gradient: only when
-    the labels take more than one chunk (one chunk's gradient is the whole gradient)."""
-    chunk = label_chunk(num_labels, batch_size)
-    return 0 if chunk >= num_labels else chunk * row_params * param_bytes
-
-
-def shard_range(num_labels: int, rank: int, world: int) -> tuple[int, int]:
-    """Labels ``[start, stop)`` of ``rank`` among ``world`` near-equal contiguous shards."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank must be in 0..{world - 1}, got {rank}")
-    base, extra = divmod(num_labels, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
-
-
-def optimizer_state_bytes(num_params: int, optimizer: str) -> int:
-    """Bytes of optimizer state for ``num_params`` values: AdamW keeps two fp32 moments, SGD one;
-    ``adamw-bf16`` (``xmc.optim.LowPrecisionAdamW``) two bf16 moments."""
-    per = {"adamw": 8, "adam": 8, "adamw-bf16": 4, "sgd": 4, "none": 0}
-    if optimizer not in per:
-        raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(per)}")
-    return per[optimizer] * num_params
-
-
-class _ChunkedLoss(torch.autograd.Function):
-    """Mean loss over label chunks; saves only ``h`` and recomputes each chunk's logits in backward."""
-
-    @staticmethod
-    def forward(ctx, h, positives: Positives, classifier: Classifier, kind: str, *params):
-        ctx.save_for_backward(h)
-        ctx.positives, ctx.classifier, ctx.kind = positives, classifier, kind
-        total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
-        with torch.no_grad():
-            for start, stop in _chunks(classifier, h.shape[0]):
-                logits = classifier.chunk_logits(h, start, stop)
-                part, _ = chunk_loss_and_grad(logits, *positives.block(start, stop), kind, want_grad=False)
-                total += part
-        return total / (h.shape[0] * classifier.num_labels)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (h,) = ctx.saved_tensors
-        classifier: Classifier = ctx.classifier
-        scale = grad_output / (h.shape[0] * classifier.num_labels)
-        with torch.no_grad():
-            _, grad_h, grads = _loss_and_gradients(
-                classifier,
-                h,
-                ctx.positives,
-                ctx.kind,
-                scale,
-                ctx.needs_input_grad[0],
-                ctx.needs_input_grad[4:],
-            )
-        return (grad_h, None, None, None, *grads)
-
-
-class _FusedChunkedLoss(torch.autograd.Function):
-    """Mean loss over label chunks with every gradient computed in the same pass (one logits pass instead of
-    two); backward scales the kept gradients by the upstream gradient, in place."""
-
-    @staticmethod
-    def forward(ctx, h, positives: Positives, classifier: Classifier, kind: str, *params):
-        size = h.shape[0] * classifier.num_labels
-        total, grad_h, grads = _loss_and_gradients(
-            classifier, h, positives, kind, 1.0 / size, ctx.needs_input_grad[0], ctx.needs_input_grad[4:]
-        )
-        ctx.gradients = (grad_h, grads)
-        return total / size
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        grad_h, grads = ctx.gradients
-        del ctx.gradients
-        for grad in (grad_h, *grads):
-            if grad is not None:
-                grad.mul_(grad_output.to(grad.dtype))
-        return (grad_h, None, None, None, *grads)
-
-
-def _loss_and_gradients(
-    classifier: Classifier,
-    h: torch.Tensor,
-    positives: Positives,
-    kind: str,
-    scale: float | torch.Tensor,
-    need_h: bool,
-    needs: tuple[bool, ...],
-) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]]:
-    """Summed loss over every label chunk and the gradients (times ``scale``) to ``h`` (in h's dtype; None
-    unless ``need_h``) and to each parameter of ``label_parameters() + shared_parameters()`` marked in
-    ``needs``. One chunk's gradients are the whole gradients, used as they come (no second buffer); with
-    several, label-indexed rows are written once each and shared parameters summed."""
-    num_label_params = len(classifier.label_parameters())
-    params = classifier.label_parameters() + classifier.shared_parameters()
-    total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
-    grad_h = torch.zeros(h.shape, dtype=total.dtype, device=h.device) if need_h else None
-    chunks = list(_chunks(classifier, h.shape[0]))
-    single = len(chunks) == 1
-    grads = [
-        None if not need or single else (torch.empty_like(p) if i < num_label_params else torch.zeros_like(p))
-        for i, (p, need) in enumerate(zip(params, needs, strict=True))
-    ]
-    for start, stop in chunks:
-        rows, cols = positives.block(start, stop)
-        part, part_h, part_params = classifier.chunk_loss_step(
-            h, rows, cols, kind, scale, start, stop, need_h
-        )
-        total += part
-        if grad_h is not None:
-            grad_h += part_h
-        for i, grad in enumerate(part_params):
-            if not needs[i] or grad is None:
-                continue
-            if single:
-                grads[i] = grad.to(params[i].dtype)
-            elif i < num_label_params:
-                grads[i][start:stop] = grad
-            else:
-                grads[i] += grad
-    if grad_h is not None:
-        grad_h = grad_h.to(h.dtype)
-    return total, grad_h, grads
-
-
-def _chunks(classifier: Classifier, batch_size: int):
-    step = classifier.label_chunk(batch_size)
-    for start in range(0, classifier.num_labels, step):
-        yield start, min(start + step, classifier.num_labels)

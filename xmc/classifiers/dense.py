@@ -8,13 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xmc.classifiers.base import (
-    Classifier,
-    chunk_gradient_bytes,
-    logits_bytes,
-    optimizer_state_bytes,
-    shard_range,
-)
+from xmc.classifiers.base import Classifier
+from xmc.classifiers.chunked import shard_range
+from xmc.memory.bytes import chunk_gradient_bytes, logits_bytes, optimizer_state_bytes
 
 # Below this share of nonzero input columns in a batch (raw TF-IDF rows: ~20 of 20,000 features a
 # document), the forward and the weight gradient run over those columns only (CPU: on a GPU the check

@@ -11,13 +11,8 @@ import logging
 import torch
 from torch import nn
 
-from xmc.classifiers.base import (
-    Classifier,
-    chunk_gradient_bytes,
-    logits_bytes,
-    optimizer_state_bytes,
-    shard_range,
-)
+from xmc.classifiers.base import Classifier
+from xmc.classifiers.chunked import shard_range
 from xmc.kernels.fixed_fanin import (
     fixed_fanin,
     fixed_fanin_backward,
@@ -32,6 +27,7 @@ from xmc.kernels.grouped_fanin import (
     grouped_fanin_input_gradient_triton,
     num_groups,
 )
+from xmc.memory.bytes import chunk_gradient_bytes, logits_bytes, optimizer_state_bytes
 from xmc.nn.fixed_fanin import FixedFanInLinear, index_dtype
 
 log = logging.getLogger(__name__)

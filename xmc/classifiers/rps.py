@@ -26,14 +26,8 @@ import math
 import torch
 from torch import nn
 
-from xmc.classifiers.base import (
-    Classifier,
-    chunk_gradient_bytes,
-    label_chunk,
-    logits_bytes,
-    optimizer_state_bytes,
-    shard_range,
-)
+from xmc.classifiers.base import Classifier
+from xmc.classifiers.chunked import label_chunk, shard_range
 from xmc.kernels.rps import (
     METHODS,
     REFERENCE_CHUNK_ELEMENTS,
@@ -44,6 +38,7 @@ from xmc.kernels.rps import (
     rps_slots,
     rps_weight,
 )
+from xmc.memory.bytes import chunk_gradient_bytes, logits_bytes, optimizer_state_bytes
 
 # The CPU slot-table cache (4 bytes per weight) is kept up to this many weights (1 GiB); beyond it the
 # reference path hashes every label chunk on every call.

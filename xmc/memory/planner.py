@@ -137,7 +137,7 @@ def _activation_bytes(plan: Plan) -> int:
 
 
 def _trainable(params: int, optimizer: str) -> dict[str, int]:
-    from xmc.classifiers.base import optimizer_state_bytes
+    from xmc.memory.bytes import optimizer_state_bytes
 
     return {
         "parameters": 4 * params,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from xmc.classifiers.base import shard_range
+from xmc.classifiers.chunked import shard_range
 from xmc.runtime import resolve_device
 
 TIMEOUT = datetime.timedelta(minutes=30)  # a collective waits this long for a slow rank (e.g. a checkpoint)
