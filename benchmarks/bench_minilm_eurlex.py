@@ -48,9 +48,10 @@ def run(stage: Path, config_file: Path, overrides: list[str], run_dir: Path) -> 
     from xmc.model import build_model
     from xmc.runtime import resolve_device, resolve_precision
     from xmc.train.data import LoadedData, Split, _carve
-    from xmc.train.evaluation import evaluate_split, most_frequent_topk
+    from xmc.train.evaluation import most_frequent_topk
     from xmc.train.loop import train
     from xmc.train.parallel import Parallel
+    from xmc.train.recipe import Recipe
 
     config = load_config(config_file, overrides)
     if config.classifier.meta.enabled:
@@ -71,18 +72,15 @@ def run(stage: Path, config_file: Path, overrides: list[str], run_dir: Path) -> 
     model = par.prepare(build_model(config, encoder, num_labels), device)
     reset_peak(device)
     started = time.perf_counter()
-    position = train(config, model, data, arrays, run_dir, device, precision, progress=False, parallel=par)
+    recipe = Recipe(config, model, data, arrays, run_dir, device, precision, par, progress=False)
+    position = train(recipe)
     train_seconds = time.perf_counter() - started
     peak = peak_allocated(device)
     par.load_model(model, run_dir / "best.safetensors")
 
     Y_train = splits["train"].Y
     inv_prop = inv_propensity(Y_train, *PROPENSITY_PRESETS[config.data.propensity])
-    batch = config.train.eval_batch_size
-    scores = {
-        name: evaluate_split(model, splits[name], arrays, device, precision, batch, inv_prop)
-        for name in ("dev", "test")
-    }
+    scores = {name: recipe.evaluate(splits[name], inv_prop) for name in ("dev", "test")}
     baseline = most_frequent_topk(Y_train, len(splits["test"].rows), 5)
     examples = sum(h.get("examples", 0) for h in position.history)
     return {

@@ -29,6 +29,7 @@ from xmc.train.data import load_data
 from xmc.train.distributed import gather_to_main, setup
 from xmc.train.loop import train
 from xmc.train.parallel import Parallel
+from xmc.train.recipe import Recipe
 
 NUM_DOCS, NUM_FEATURES, NUM_LABELS = 37, 40, 23  # odd sizes: uneven row and label shards
 CRASH_AT = 5  # save_ / partial runs stop at this step; checkpoints every 2 steps leave step 4
@@ -155,7 +156,7 @@ def run_case(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        train(
+        recipe = Recipe(
             config,
             model,
             loaded,
@@ -163,14 +164,14 @@ def run_case(
             run_dir,
             torch.device("cpu"),
             "no",
-            resume=resume,
+            par,
             # 0 in the first epoch: the meta head gets no gradient there (None on every rank, as in one
             # process, so AdamW leaves it alone)
-            meta_weight_fn=(lambda epochs: 0.3 if epochs >= 1 else 0.0) if model.meta is not None else None,
+            meta_weight=(lambda epochs: 0.3 if epochs >= 1 else 0.0) if model.meta is not None else None,
             progress=False,
             step_hook=hook,
-            parallel=par,
         )
+        train(recipe, resume=resume)
     except Crash:
         pass
     final = par.model_state(model)

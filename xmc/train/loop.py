@@ -34,8 +34,7 @@ from xmc.progress import bars
 from xmc.runtime import autocast, peak_memory_label
 from xmc.sparse.rewiring import Rewiring
 from xmc.train.checkpoint import latest_checkpoint
-from xmc.train.evaluation import evaluate_split
-from xmc.train.parallel import Parallel
+from xmc.train.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -157,26 +156,13 @@ def _fusable(params) -> bool | None:
     return True if ok else None
 
 
-def train(
-    config: Config,
-    model,
-    data,
-    inputs,
-    run_dir: Path,
-    device: torch.device,
-    precision: str,
-    resume: bool = False,
-    meta_weight_fn=None,
-    progress: bool = True,
-    step_hook=None,
-    parallel: Parallel | None = None,
-) -> Position:
-    """Train ``model`` in place; returns the final position. ``step_hook(model, step, optimizers,
-    scaler)`` runs after each accumulation window's backward (and the gradients' sum over ranks),
-    before the optimizer step (tests use it to inject faults). ``parallel``: this process's part of a
-    multi-process run (:mod:`xmc.train.parallel`; default: a single process)."""
+def train(recipe: Recipe, resume: bool = False) -> Position:
+    """Train ``recipe.model`` in place (see :class:`~xmc.train.recipe.Recipe` for what it holds), from the
+    run folder's last checkpoint when ``resume``; returns the final position."""
+    config, model, data, inputs = recipe.config, recipe.model, recipe.data, recipe.inputs
+    run_dir, device, precision, par = recipe.run_dir, recipe.device, recipe.precision, recipe.parallel
+    meta_weight_fn, progress, step_hook = recipe.meta_weight, recipe.progress, recipe.step_hook
     t = config.train
-    par = parallel or Parallel()
     train_split = data.splits["train"]
     train_inputs = inputs[train_split.source]
     n = len(train_split.rows)
@@ -377,9 +363,7 @@ def train(
                     pos.history[-1]["train_loss"],
                 )
                 if "dev" in data.splits and (pos.epoch % t.eval_every == 0 or pos.epoch == t.epochs):
-                    early_stop = _evaluate(
-                        config, model, data, inputs, device, precision, pos, run_dir, writer, par
-                    )
+                    early_stop = _evaluate(recipe, pos, writer)
             save()
             midway = False
             if early_stop:
@@ -422,11 +406,10 @@ def train(
     return pos
 
 
-def _evaluate(config, model, data, inputs, device, precision, pos, run_dir, writer, par: Parallel) -> bool:
+def _evaluate(recipe: Recipe, pos: Position, writer) -> bool:
     """Score dev, keep the best model; True when early stopping should end training."""
-    metrics = evaluate_split(
-        model, data.splits["dev"], inputs, device, precision, config.train.eval_batch_size, parallel=par
-    )
+    config, par, run_dir = recipe.config, recipe.parallel, recipe.run_dir
+    metrics = recipe.evaluate(recipe.data.splits["dev"])
     p1 = metrics["P@1"]
     pos.history[-1].update({f"dev/{k}": v for k, v in metrics.items()})
     if writer is not None:
@@ -443,7 +426,7 @@ def _evaluate(config, model, data, inputs, device, precision, pos, run_dir, writ
     )
     if improved:
         pos.best, pos.evals_since_best = p1, 0
-        par.save_model(model, run_dir / "best.safetensors")
+        par.save_model(recipe.model, run_dir / "best.safetensors")
     else:
         pos.evals_since_best += 1
     return bool(config.train.patience) and pos.evals_since_best >= config.train.patience

@@ -25,10 +25,11 @@ from xmc.metrics import PROPENSITY_PRESETS, evaluate, format_table, inv_propensi
 from xmc.model import XMCModel, build_model
 from xmc.runtime import device_name, peak_memory, reset_peak_memory, resolve_precision
 from xmc.train.data import load_data
-from xmc.train.evaluation import evaluate_split, most_frequent_topk, predict_split
+from xmc.train.evaluation import most_frequent_topk
 from xmc.train.lock import RunLock
 from xmc.train.loop import train
 from xmc.train.parallel import Parallel
+from xmc.train.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,10 @@ def run_training(
     # One run per folder; a second is refused here, before it touches anything.
     with RunLock(run) if place.is_main else contextlib.nullcontext():
         try:
-            return _run(config, run, place, par, device, resume, progress, step_hook, owns_group)
+            result = _run(config, run, par, device, resume=resume, progress=progress, step_hook=step_hook)
+            if owns_group:
+                distributed.shutdown()
+            return result
         except BaseException:
             # A run that stopped before its first checkpoint leaves nothing to resume: remove what it made.
             if created and place.is_main and not (run / "latest").exists():
@@ -151,8 +155,12 @@ def run_training(
             raise
 
 
-def _run(config: Config, run: Path, place, par, device, resume, progress, step_hook, owns_group) -> dict:
+def _run(
+    config: Config, run: Path, par: Parallel, device, *, resume: bool, progress: bool, step_hook
+) -> dict:
     from xmc.train import distributed
+
+    place = par.place
 
     precision = resolve_precision(config.train.precision, device)
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -195,37 +203,24 @@ def _run(config: Config, run: Path, place, par, device, resume, progress, step_h
 
         m = config.classifier.meta
         meta_weight_fn = lambda progress_epochs: meta_weight(progress_epochs, m.lam0, m.cutoff_epoch)  # noqa: E731
+    recipe = Recipe(
+        config, model, data, inputs, run, device, precision, par, meta_weight_fn, progress, step_hook
+    )
     if device.type == "cuda":  # the CPU's peak stays the whole process's, data loading included
         reset_peak_memory(device)
-    position = train(
-        config,
-        model,
-        data,
-        inputs,
-        run,
-        device,
-        precision,
-        resume=resume,
-        meta_weight_fn=meta_weight_fn,
-        progress=progress,
-        step_hook=step_hook,
-        parallel=par,
-    )
+    position = train(recipe, resume=resume)
     train_seconds = position.train_seconds  # over every session of the run, resumes included
     par.load_model(model, run / "best.safetensors")
 
     Y_train = data.splits["train"].Y
     A, B = PROPENSITY_PRESETS[config.data.propensity]
     inv_prop = inv_propensity(Y_train, A, B)
-    batch = config.train.eval_batch_size
     results: dict = {}
     if "dev" in data.splits:
-        results["dev"] = evaluate_split(
-            model, data.splits["dev"], inputs, device, precision, batch, inv_prop, parallel=par
-        )
+        results["dev"] = recipe.evaluate(data.splits["dev"], inv_prop)
     if "test" in data.splits:
         test = data.splits["test"]
-        scores, ids = predict_split(model, test, inputs, device, precision, batch, PREDICT_K, par)
+        scores, ids = recipe.predict(test, PREDICT_K)
         if place.is_main:
             save_predictions(run / "predictions.npz", scores, ids)
         results["test"] = evaluate(test.Y, ids, inv_prop=inv_prop, exclude=test.exclude)
@@ -253,8 +248,6 @@ def _run(config: Config, run: Path, place, par, device, resume, progress, step_h
         _plots(run, results, data, ids if "test" in data.splits else None)
         _report(run, results)
     distributed.barrier(place)
-    if owns_group:
-        distributed.shutdown()
     return results
 
 
