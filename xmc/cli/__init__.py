@@ -13,10 +13,9 @@ import sys
 from collections.abc import Sequence
 
 from xmc import __version__
+from xmc.cli.errors import UsageError
 
-
-class UsageError(Exception):
-    """A mistake in how the command was called; the message names the problem and the fix."""
+__all__ = ["UsageError", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:

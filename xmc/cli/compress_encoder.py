@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from xmc.cli import UsageError
+from xmc.cli.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +153,10 @@ def _documents(args: argparse.Namespace) -> list[str]:
     """Up to --documents training texts, a seeded random sample."""
     import numpy as np
 
-    from xmc.cli.embed import _FIELDS, read_documents
+    from xmc.cli.embed import parse_fields, read_documents
 
     if args.data is not None:
-        fields = [f.strip() for f in args.fields.split(",") if f.strip()]
-        if not fields or any(f not in _FIELDS for f in fields):
-            raise UsageError(
-                f"--fields takes a comma-separated subset of {', '.join(_FIELDS)}, got {args.fields!r}"
-            )
-        texts = read_documents(args.data, fields)
+        texts = read_documents(args.data, parse_fields(args.fields))
     else:
         from xmc.config import load_config
         from xmc.data import detect_format

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from xmc.cli import UsageError
 from xmc.cli.common import add_format_arguments
+from xmc.cli.errors import UsageError
 
 _FEATURE_FORMATS = ("bow", "split")
 _TEXT_FORMATS = ("lf-json", "text")

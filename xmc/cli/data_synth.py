@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from xmc.cli import UsageError
+from xmc.cli.errors import UsageError
 from xmc.data.synth import SYNTH_FORMATS, SynthOptions, synthesize
 
 _DEFAULTS = SynthOptions()

@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from xmc.cli import UsageError
+from xmc.cli.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,14 @@ def read_documents(path: str, fields: list[str]) -> list[str]:
     return documents
 
 
+def parse_fields(text: str) -> list[str]:
+    """``--fields``: a comma-separated subset of the LF JSON text fields, or a UsageError."""
+    fields = [f.strip() for f in text.split(",") if f.strip()]
+    if not fields or any(f not in _FIELDS for f in fields):
+        raise UsageError(f"--fields takes a comma-separated subset of {', '.join(_FIELDS)}, got {text!r}")
+    return fields
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -92,12 +100,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from xmc.runtime import resolve_device
 
-    fields = [f.strip() for f in args.fields.split(",") if f.strip()]
-    bad = [f for f in fields if f not in _FIELDS]
-    if bad or not fields:
-        raise UsageError(
-            f"--fields takes a comma-separated subset of {', '.join(_FIELDS)}, got {args.fields!r}"
-        )
+    fields = parse_fields(args.fields)
     if args.max_length < 2 or args.batch_size < 1:
         raise UsageError("--max-length must be at least 2 and --batch-size at least 1")
     if not os.path.exists(args.input):

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import TYPE_CHECKING
 
-from xmc.cli import UsageError
+from xmc.cli.errors import UsageError
 
 if TYPE_CHECKING:  # scipy is imported only when the command runs, to keep `xmc --help` quick
     import scipy.sparse as sp

@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import replace
 
-from xmc.cli import UsageError
+from xmc.cli.errors import UsageError
 
 EPILOG = """\
 examples:

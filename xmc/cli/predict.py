@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xmc.cli import UsageError
+    from xmc.cli.errors import UsageError
     from xmc.data.atomic import atomic_open
     from xmc.inference.files import save_predictions
     from xmc.inference.predictor import load

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from xmc.cli import UsageError
+    from xmc.cli.errors import UsageError
     from xmc.config import ConfigError, load_config
     from xmc.train.run import run_training
 
