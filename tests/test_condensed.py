@@ -64,7 +64,7 @@ def _train(tmp_path: Path, data: Path, name: str, **fields) -> Path:
 def test_condensed_model_predicts_the_trained_top_k(tmp_path, data, layout):
     import xmc
     from xmc.data import read_bow
-    from xmc.encoders import SplitSource
+    from xmc.data.source import SplitSource
 
     run = _train(tmp_path, data, "run", **layout)
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "small")]) == 0
@@ -92,7 +92,7 @@ def test_condensed_prediction_loads_no_training_stack(tmp_path, data):
         import sys
         import xmc
         from xmc.data import read_bow
-        from xmc.encoders import SplitSource
+        from xmc.data.source import SplitSource
 
         model = xmc.load({str(tmp_path / "small")!r})
         scores, ids = model.topk(model.inputs(SplitSource(X=read_bow({str(data / "test.txt")!r})[0])), 3)

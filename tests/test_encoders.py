@@ -13,12 +13,12 @@ import torch
 
 from xmc.cli import main
 from xmc.config import ConfigError, EncoderConfig, load_config
+from xmc.data.source import SplitSource
 from xmc.encoders import (
     BowEncoder,
     BowInputs,
     FeaturesEncoder,
     FeaturesInputs,
-    SplitSource,
     TransformerEncoder,
     build_encoder_and_inputs,
     build_token_inputs,

@@ -218,7 +218,8 @@ def safe_open_keys(path) -> set[str]:
 
 def test_saved_folder_loads_through_the_encoder_path_without_dense_mlp_weights(tmp_path):
     from xmc.config import EncoderConfig
-    from xmc.encoders import SplitSource, TransformerEncoder, build_encoder_and_inputs
+    from xmc.data.source import SplitSource
+    from xmc.encoders import TransformerEncoder, build_encoder_and_inputs
 
     model, folder, summary, tokenizer = _save(tmp_path)
     saved = json.loads((folder / "fips.json").read_text())

@@ -1,4 +1,4 @@
-"""Hand-computed checks of xmc.metrics (pyxclib conventions, see DESIGN.md)."""
+"""Hand-computed checks of xmc.metrics (the repository's pyxclib conventions, docs/design.md)."""
 
 from __future__ import annotations
 
@@ -226,7 +226,7 @@ def test_format_table() -> None:
 
 
 def loop_reference(Y: sp.csr_matrix, top: np.ndarray, w: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
-    """The DESIGN.md definitions written row by row, as plainly as possible."""
+    """The definitions of docs/design.md (and xmc/metrics.py) written row by row, as plainly as possible."""
     n = Y.shape[0]
     sums: dict[str, float] = {}
     for r in range(n):

@@ -90,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from xmc.data.atomic import atomic_open
+    from xmc.data.source import SplitSource
     from xmc.encoders import (
-        SplitSource,
         TransformerEncoder,
         build_token_inputs,
         encode_all,

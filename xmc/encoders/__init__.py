@@ -5,7 +5,7 @@ every inputs object has ``__len__`` and ``batch(rows) -> dict[str, Tensor]`` (CP
 :func:`build_encoder_and_inputs` builds both from an :class:`~xmc.config.EncoderConfig`.
 """
 
-from xmc.encoders.base import Encoder, Inputs, SplitSource
+from xmc.encoders.base import Encoder, Inputs
 from xmc.encoders.bow import (
     BowEncoder,
     BowInputs,
@@ -32,7 +32,6 @@ __all__ = [
     "FeaturesEncoder",
     "FeaturesInputs",
     "Inputs",
-    "SplitSource",
     "TokenInputs",
     "TransformerEncoder",
     "build_encoder_and_inputs",

@@ -1,43 +1,17 @@
-"""What every encoder and every inputs object provides, and what a data split hands to the factory.
+"""What every encoder and every inputs object provides.
 
 The training loop sees only this contract: an inputs object turns document rows into a dict of CPU
-tensors, an encoder turns that dict into ``(B, out_features)`` representations for the classifier.
+tensors, an encoder turns that dict into ``(B, out_features)`` representations for the classifier. What a
+data split hands to the encoder factory is :class:`xmc.data.source.SplitSource`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import nn
-
-
-@dataclass
-class SplitSource:
-    """What one data split provides; exactly the field that fits its format is set.
-
-    Attributes:
-        X: bag-of-words features, scipy CSR ``(N, F)`` (counts, binary or tf values), for the
-            ``bow`` / ``split`` formats.
-        texts: for raw-text formats, a callable returning the ``N`` documents' texts in order;
-            called only when a cache (vocabulary, tokenized text) has to be built.
-        features: precomputed embeddings ``(N, d)`` float16 / float32, in memory or memory-mapped.
-        sources: the files this split was read from; their checksums key the caches.
-        variant: anything else that shapes ``texts`` (e.g. which fields were joined), part of the
-            cache keys, so that a change re-tokenizes instead of reading a stale cache.
-    """
-
-    X: sp.csr_matrix | None = None
-    texts: Callable[[], Sequence[str]] | None = None
-    features: np.ndarray | None = None
-    sources: list[str | os.PathLike] = field(default_factory=list)
-    variant: str = ""
 
 
 @runtime_checkable
@@ -58,20 +32,3 @@ class Encoder(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
-
-
-def cache_identity(split: SplitSource) -> tuple[list[str | os.PathLike], str]:
-    """``(sources, variant)`` that key a raw-text split's caches.
-
-    A split read from files is keyed by the files' checksums. One without files (texts built in
-    memory) is keyed by a digest of its texts instead, so two such splits never share a cache entry.
-    """
-    if split.sources:
-        return list(split.sources), split.variant
-    if split.texts is None:
-        raise ValueError("a split without source files must provide texts")
-    digest = hashlib.sha256()
-    for text in split.texts():
-        digest.update(text.encode("utf-8", "surrogatepass"))
-        digest.update(b"\x00")
-    return [], f"{split.variant}|texts-sha256:{digest.hexdigest()}"

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from xmc.config import EncoderConfig
-from xmc.encoders.base import Encoder, Inputs, SplitSource, cache_identity
+from xmc.data.source import SplitSource, cache_identity
+from xmc.encoders.base import Encoder, Inputs
 from xmc.encoders.bow import BowEncoder, BowInputs, build_vocabulary, count_matrix, fit_weights, tfidf
 from xmc.encoders.features import FeaturesEncoder, FeaturesInputs
 from xmc.encoders.transformer import (

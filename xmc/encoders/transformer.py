@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from xmc.encoders.base import Encoder, SplitSource, cache_identity
+from xmc.data.source import SplitSource, cache_identity
+from xmc.encoders.base import Encoder
 
 if TYPE_CHECKING:
     import datasets

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from xmc.config import load_config
-from xmc.encoders import FeaturesInputs, Inputs, SplitSource, build_token_inputs
+from xmc.data.source import SplitSource
+from xmc.encoders import FeaturesInputs, Inputs, build_token_inputs
 
 
 class ModelFolder:

@@ -321,7 +321,7 @@ def format_report(data: dict) -> str:
     return "\n".join(lines)
 
 
-# The repository's large sets: their label counts (DESIGN.md) and the shipped configs' settings.
+# The repository's large sets: their published label counts and the shipped configs' settings.
 PRESETS = {
     "wiki-500k": ("configs/repository/wiki-500k.yaml", 501_008),  # the raw-text release
     "amazon-670k": ("configs/repository/amazon-670k.yaml", 670_091),

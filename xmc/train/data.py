@@ -26,7 +26,7 @@ from xmc.data import (
     read_text_pairs,
     split_pair,
 )
-from xmc.encoders import SplitSource
+from xmc.data.source import SplitSource
 
 
 @dataclass
