@@ -42,28 +42,14 @@ class Recipe:
     progress: bool = True
     step_hook: Callable | None = None
 
+    def _scoring(self) -> tuple:
+        """The arguments after ``(model, split)`` that scoring a split takes (xmc.train.evaluation)."""
+        return self.inputs, self.device, self.precision, self.config.train.eval_batch_size
+
     def predict(self, split, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` ``(scores, ids)`` of ``split``'s documents (every rank gets the whole)."""
-        return predict_split(
-            self.model,
-            split,
-            self.inputs,
-            self.device,
-            self.precision,
-            self.config.train.eval_batch_size,
-            k,
-            self.parallel,
-        )
+        return predict_split(self.model, split, *self._scoring(), k, self.parallel)
 
     def evaluate(self, split, inv_prop: np.ndarray | None = None) -> dict:
         """The metrics of :func:`xmc.metrics.evaluate` (k = 1, 3, 5) on ``split``."""
-        return evaluate_split(
-            self.model,
-            split,
-            self.inputs,
-            self.device,
-            self.precision,
-            self.config.train.eval_batch_size,
-            inv_prop,
-            parallel=self.parallel,
-        )
+        return evaluate_split(self.model, split, *self._scoring(), inv_prop, parallel=self.parallel)
