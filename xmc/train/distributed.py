@@ -7,7 +7,7 @@ with NCCL on CUDA and gloo on CPU and pins each process to GPU ``LOCAL_RANK``; w
 (a plain ``xmc train``) nothing is initialized and every helper here is the single-process identity.
 
 Rows of a batch and labels of a classifier are split the same way, into near-equal contiguous parts
-(:func:`xmc.classifiers.base.shard_range`), so every rank knows every part's size without asking and
+(:func:`xmc.classifiers.chunked.shard_range`), so every rank knows every part's size without asking and
 collectives of uneven parts pad to the largest one. Collectives:
 
 - :class:`AllGatherRows` (autograd): the (n, D) batch from each rank's (n_r, D) rows; backward sums
