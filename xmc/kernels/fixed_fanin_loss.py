@@ -25,7 +25,7 @@ L K (s_w + s_i) once, x gathers B L K s_x (from L2) twice (logits, weight gradie
 B L s_x written and read by the input gradient, grad_w / grad_b L (K + 1) s_w written.
 
 The reference twin (``fixed_fanin_loss_reference``) runs the same computation with the PyTorch references of
-the layer and :func:`xmc.losses.chunk_loss_and_grad`; it is the CPU path and the test oracle.
+the layer and :func:`xmc.kernels.losses.chunk_loss_and_grad`; it is the CPU path and the test oracle.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from xmc.kernels.fixed_fanin import (
     fixed_fanin_backward_reference,
     fixed_fanin_forward_reference,
 )
-from xmc.losses import LOSSES, chunk_loss_and_grad
+from xmc.kernels.losses import LOSSES, chunk_loss_and_grad
 
 __all__ = ["MAX_BATCH", "fixed_fanin_loss_reference", "fixed_fanin_loss_triton"]
 
@@ -297,7 +297,7 @@ def fixed_fanin_loss_reference(
     need_x: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """The contract of ``fixed_fanin_loss_triton`` (any B, float64 too) through the layer's PyTorch
-    references: logits, :func:`xmc.losses.chunk_loss_and_grad`, then the backward."""
+    references: logits, :func:`xmc.kernels.losses.chunk_loss_and_grad`, then the backward."""
     w, ids = weight[row_start:row_stop], indices[row_start:row_stop]
     b = bias[row_start:row_stop] if bias is not None else None
     logits = fixed_fanin_forward_reference(x, w, ids, b)
