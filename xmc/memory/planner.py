@@ -212,7 +212,7 @@ def _cpu_reference_bytes(name: str, plan: Plan, options: dict) -> int:
     copy."""
     labels, width = plan.labels_per_rank, plan.width
     if name == "fixed_fanin":
-        from xmc.kernels.fixed_fanin import REFERENCE_CHUNK_ELEMENTS
+        from xmc.kernels.fixed_fanin_reference import REFERENCE_CHUNK_ELEMENTS
 
         k = options["fan_in"]
         group = options.get("group", 1)
