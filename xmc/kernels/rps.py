@@ -195,18 +195,9 @@ def _rps_bwd_x_kernel(
     for l0 in range(pid_s * BLOCK_L, N, num_splits * BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L).to(tl.int64)
         mask_l = offs_l < N
+        rows = (row_start + offs_l)[:, None]
         slot, sign = rps_map_tl(
-            (row_start + offs_l)[:, None],
-            offs_d[None, :],
-            L,
-            D,
-            M,
-            seed_slot,
-            seed_sign,
-            METHOD,
-            SIGN,
-            TILE_L,
-            TILE_D,
+            rows, offs_d[None, :], L, D, M, seed_slot, seed_sign, METHOD, SIGN, TILE_L, TILE_D
         )
         w = tl.load(array_ptr + slot, mask=mask_l[:, None] & mask_d[None, :], other=0.0).to(tl.float32) * sign
         g = tl.load(
@@ -283,18 +274,9 @@ def _rps_bwd_array_kernel(
         if NEED_BIAS:
             acc_b += tl.sum(g.to(tl.float32), axis=0)
     if NEED_ARRAY:
+        rows = (row_start + offs_l)[:, None]
         slot, sign = rps_map_tl(
-            (row_start + offs_l)[:, None],
-            offs_d[None, :],
-            L,
-            D,
-            M,
-            seed_slot,
-            seed_sign,
-            METHOD,
-            SIGN,
-            TILE_L,
-            TILE_D,
+            rows, offs_d[None, :], L, D, M, seed_slot, seed_sign, METHOD, SIGN, TILE_L, TILE_D
         )
         tl.atomic_add(
             grad_array_ptr + slot,

@@ -296,18 +296,9 @@ def _rps_map_kernel(
     offs_l = tl.program_id(0).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
     offs_d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (offs_l < N)[:, None] & (offs_d < D)[None, :]
+    rows = (row_start + offs_l)[:, None]
     slot, sign = rps_map_tl(
-        (row_start + offs_l)[:, None],
-        offs_d[None, :],
-        L,
-        D,
-        M,
-        seed_slot,
-        seed_sign,
-        METHOD,
-        SIGN,
-        TILE_L,
-        TILE_D,
+        rows, offs_d[None, :], L, D, M, seed_slot, seed_sign, METHOD, SIGN, TILE_L, TILE_D
     )
     offs = offs_l[:, None] * D + offs_d[None, :]
     tl.store(slot_ptr + offs, slot, mask=mask)
