@@ -109,11 +109,8 @@ def floors(
 
 def fixed_variants(x, g, L, K, device):
     """(name, weight dtype, forward fn, forward+backward fn) of the fixed fan-in layer's Triton kernels."""
-    from xmc.kernels.fixed_fanin import (
-        column_transpose,
-        fixed_fanin_backward_triton,
-        fixed_fanin_forward_triton,
-    )
+    from xmc.kernels.fanin_common import column_transpose
+    from xmc.kernels.fixed_fanin import fixed_fanin_backward_triton, fixed_fanin_forward_triton
     from xmc.nn.fixed_fanin import FixedFanInLinear
 
     layer = FixedFanInLinear(x.shape[1], L, K, device=device)  # hashed ids, as training builds them
@@ -135,7 +132,7 @@ def fixed_variants(x, g, L, K, device):
 
 def grouped_variants(x, g, L, K, group, device):
     """(name, weight dtype, forward fn, forward+backward fn) of the grouped fan-in layer's Triton kernels."""
-    from xmc.kernels.fixed_fanin import column_transpose
+    from xmc.kernels.fanin_common import column_transpose
     from xmc.kernels.grouped_fanin import grouped_fanin_backward_triton, grouped_fanin_forward_triton
     from xmc.nn.fixed_fanin import FixedFanInLinear
 

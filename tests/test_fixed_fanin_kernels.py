@@ -21,7 +21,9 @@ TRITON_IMPORTED_COMPILED = "triton" in sys.modules and os.environ.get("TRITON_IN
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import xmc.kernels.fixed_fanin as ff  # noqa: E402  (after TRITON_INTERPRET)
+import xmc.kernels.fanin_common as fc  # noqa: E402  (after TRITON_INTERPRET)
+import xmc.kernels.fixed_fanin as ff  # noqa: E402
+import xmc.kernels.fixed_fanin_reference as ffr  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,7 +104,8 @@ def poisoned(interpreted, monkeypatch):
     def nan_output(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(ff, "_new_output", nan_output)
+    for module in (ff, fc):  # the launchers, and the input gradient's partial sums
+        monkeypatch.setattr(module, "new_output", nan_output)
 
 
 # (B, D, L, K, index dtype, bias): B=1, K=1, D not a multiple of 16, L below / at / above a label block, K not
@@ -137,7 +140,7 @@ def test_triton_matches_dense(shape, poisoned):
     assert out.dtype == torch.float32
     assert_close(out, out_ref, FP32_TOL, "out")
 
-    col_ptr, slots = ff.column_transpose(layer.indices, D)
+    col_ptr, slots = fc.column_transpose(layer.indices, D)
     grad_x, grad_w, grad_b = ff.fixed_fanin_backward_triton(
         layer.grad_out, layer.x, layer.weight, layer.indices, col_ptr, slots, True, True, True
     )
@@ -153,7 +156,7 @@ def test_triton_low_precision(dtype, poisoned):
     layer = random_layer(5, 37, 70, 9, torch.int16, dtype=dtype)
     out_ref, gx_ref, gw_ref, gb_ref = dense_oracle(layer)  # the oracle upcasts the already-rounded tensors
     out = ff.fixed_fanin_forward_triton(layer.x, layer.weight, layer.indices, layer.bias)
-    col_ptr, slots = ff.column_transpose(layer.indices, 37)
+    col_ptr, slots = fc.column_transpose(layer.indices, 37)
     grads = ff.fixed_fanin_backward_triton(
         layer.grad_out, layer.x, layer.weight, layer.indices, col_ptr, slots, True, True, True
     )
@@ -168,8 +171,8 @@ def test_triton_low_precision(dtype, poisoned):
 def test_triton_input_gradient_in_label_ranges(poisoned, monkeypatch):
     """The input gradient over several label ranges (each column's slots found by binary search) and split
     into parts: ranges of 7 labels, parts of at least one slot."""
-    monkeypatch.setattr(ff, "_BWD_X_CHUNK_BYTES", 7 * 3 * 4)  # 7 labels a range at B = 3, fp32
-    monkeypatch.setattr(ff, "_BWD_X_SPLIT_SLOTS", 1)
+    monkeypatch.setattr(fc, "BWD_X_CHUNK_BYTES", 7 * 3 * 4)  # 7 labels a range at B = 3, fp32
+    monkeypatch.setattr(fc, "BWD_X_SPLIT_SLOTS", 1)
     layer = random_layer(3, 11, 40, 5, torch.int16, seed=5)
     want = dense_oracle(layer)[1]
     grad_x, _, _ = ff.fixed_fanin_backward(
@@ -182,13 +185,13 @@ def test_triton_input_gradient_in_label_ranges(poisoned, monkeypatch):
 @pytest.mark.parametrize("range_bytes", [2**25, 5 * 3 * 4], ids=["one-range", "ranges-of-5"])
 def test_triton_input_gradient_of_a_label_block(poisoned, monkeypatch, range_bytes):
     """A block of labels (7..26 of 45) through the whole layer's transpose equals the block's own gradient."""
-    monkeypatch.setattr(ff, "_BWD_X_CHUNK_BYTES", range_bytes)
+    monkeypatch.setattr(fc, "BWD_X_CHUNK_BYTES", range_bytes)
     layer = random_layer(3, 13, 45, 6, torch.int16, seed=7)
     block = layer._replace(
         weight=layer.weight[7:27], indices=layer.indices[7:27], bias=None, grad_out=layer.grad_out[:, 7:27]
     )
     want = dense_oracle(block)[1]
-    transpose = ff.column_transpose(layer.indices, 13)
+    transpose = fc.column_transpose(layer.indices, 13)
     got = ff.fixed_fanin_input_gradient_triton(block.grad_out, layer.x, layer.weight, *transpose, row_start=7)
     assert_close(got, want, FP32_TOL, "grad_x of labels 7..26")
     with pytest.raises(ValueError, match="within L = 45"):
@@ -248,7 +251,7 @@ def test_triton_mixed_dtypes(poisoned):
 def test_triton_backward_subsets(need, poisoned):
     layer = random_layer(3, 19, 40, 4, torch.int16)
     want = dense_oracle(layer)[1:]
-    col_ptr, slots = ff.column_transpose(layer.indices, 19) if need[0] else (None, None)
+    col_ptr, slots = fc.column_transpose(layer.indices, 19) if need[0] else (None, None)
     got = ff.fixed_fanin_backward_triton(
         layer.grad_out, layer.x, layer.weight, layer.indices, col_ptr, slots, *need
     )
@@ -280,7 +283,7 @@ def test_function_triton_backend(bias, poisoned):
     """Autograd through the Triton backend, with the transpose cached and computed on demand."""
     layer = random_layer(3, 26, 50, 5, torch.int16, bias=bias)
     out_ref, gx_ref, gw_ref, gb_ref = dense_oracle(layer)
-    for transpose in (None, ff.column_transpose(layer.indices, 26)):
+    for transpose in (None, fc.column_transpose(layer.indices, 26)):
         x = layer.x.clone().requires_grad_()
         w = layer.weight.clone().requires_grad_()
         b = layer.bias.clone().requires_grad_() if bias else None
@@ -311,7 +314,7 @@ def test_triton_validation():
         ff.fixed_fanin_backward_triton(g, x, w, idx, None, None, True, True, True)
     with pytest.raises(ValueError, match="grad_out"):
         ff.fixed_fanin_backward_triton(g[:, :5], x, w, idx, None, None, False, True, True)
-    col_ptr, slots = ff.column_transpose(idx, 10)
+    col_ptr, slots = fc.column_transpose(idx, 10)
     with pytest.raises(ValueError, match="slots"):
         ff.fixed_fanin_backward_triton(g, x, w, idx, col_ptr, slots.float(), True, False, False)
     with pytest.raises(ValueError, match="col_ptr"):
@@ -332,10 +335,10 @@ def test_reference_matches_dense(shape, dtype):
     layer = random_layer(B, D, L, K, index_dtype, dtype=dtype, bias=bias, device="cpu")
     out_ref, gx_ref, gw_ref, gb_ref = dense_oracle(layer)
     tol = FP32_TOL if dtype == torch.float32 else 1e-12
-    out = ff.fixed_fanin_forward_reference(layer.x, layer.weight, layer.indices, layer.bias)
+    out = ffr.fixed_fanin_forward_reference(layer.x, layer.weight, layer.indices, layer.bias)
     assert out.dtype == dtype
     assert_close(out, out_ref, tol, "out")
-    grad_x, grad_w, grad_b = ff.fixed_fanin_backward_reference(
+    grad_x, grad_w, grad_b = ffr.fixed_fanin_backward_reference(
         layer.grad_out, layer.x, layer.weight, layer.indices
     )
     assert (grad_x.dtype, grad_w.dtype, grad_b.dtype) == (dtype,) * 3
@@ -347,11 +350,11 @@ def test_reference_matches_dense(shape, dtype):
 def test_reference_chunks(monkeypatch):
     """A tiny chunk budget (several chunks, a ragged last one) gives the same result as one chunk."""
     layer = random_layer(3, 17, 70, 4, torch.int16, dtype=torch.float64, device="cpu")
-    monkeypatch.setattr(ff, "REFERENCE_CHUNK_ELEMENTS", 17 * 9)  # 9 labels per chunk: 8 chunks, last has 7
-    assert ff._slot_chunk(4, 17) == 9
+    monkeypatch.setattr(ffr, "REFERENCE_CHUNK_ELEMENTS", 17 * 9)  # 9 labels per chunk: 8 chunks, last has 7
+    assert ffr._slot_chunk(4, 17) == 9
     out_ref, gx_ref, gw_ref, gb_ref = dense_oracle(layer)
-    out = ff.fixed_fanin_forward_reference(layer.x, layer.weight, layer.indices, layer.bias)
-    grads = ff.fixed_fanin_backward_reference(layer.grad_out, layer.x, layer.weight, layer.indices)
+    out = ffr.fixed_fanin_forward_reference(layer.x, layer.weight, layer.indices, layer.bias)
+    grads = ffr.fixed_fanin_backward_reference(layer.grad_out, layer.x, layer.weight, layer.indices)
     for got, want, what in zip(
         (out, *grads), (out_ref, gx_ref, gw_ref, gb_ref), ("out", "gx", "gw", "gb"), strict=True
     ):
@@ -403,10 +406,10 @@ def test_function_grads_only_for_inputs_that_need_them():
 @pytest.mark.parametrize("chunk", [2**23, 17], ids=["one-chunk", "chunks-of-17"])
 @pytest.mark.parametrize("index_dtype", [torch.int16, torch.int32, torch.int64])
 def test_column_transpose(index_dtype, chunk, monkeypatch):
-    monkeypatch.setattr(ff, "TRANSPOSE_CHUNK", chunk)  # 17: slots of one row straddle chunk ends
+    monkeypatch.setattr(fc, "TRANSPOSE_CHUNK", chunk)  # 17: slots of one row straddle chunk ends
     D, L, K = 13, 29, 5
     indices = random_layer(1, D, L, K, index_dtype, device="cpu").indices
-    col_ptr, slots = ff.column_transpose(indices, D)
+    col_ptr, slots = fc.column_transpose(indices, D)
     assert torch.equal(slots.long(), torch.argsort(indices.reshape(-1), stable=True))
     assert col_ptr.dtype == torch.int64 and col_ptr.shape == (D + 1,)
     assert slots.dtype == torch.int32 and slots.shape == (L * K,)
@@ -424,9 +427,9 @@ def test_column_transpose(index_dtype, chunk, monkeypatch):
 def test_column_transpose_rejects_out_of_range():
     indices = torch.tensor([[0, 5], [1, 2]], dtype=torch.int16)
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
-        ff.column_transpose(indices, 5)
+        fc.column_transpose(indices, 5)
     with pytest.raises(ValueError, match="2-D integer"):
-        ff.column_transpose(indices.float(), 6)
+        fc.column_transpose(indices.float(), 6)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -458,7 +461,7 @@ def test_gpu_matches_reference(dtype, shape, poisoned):
     oracle = dense_oracle(layer)
     tol = FP32_TOL if dtype == torch.float32 else LOW_PRECISION_TOL
     out = ff.fixed_fanin_forward(layer.x, layer.weight, layer.indices, layer.bias)  # auto: Triton on CUDA
-    transpose = ff.column_transpose(layer.indices, D)
+    transpose = fc.column_transpose(layer.indices, D)
     grads = ff.fixed_fanin_backward(layer.grad_out, layer.x, layer.weight, layer.indices, *transpose)
     for got, want, what in zip((out, *grads), oracle, ("out", "gx", "gw", "gb"), strict=True):
         assert got.dtype == dtype, what
@@ -488,22 +491,22 @@ def test_gpu_64bit_offsets(poisoned):
     g_tail = grad_out[:, lo:].double()
 
     out = ff.fixed_fanin_forward_triton(x, weight, indices, bias)
-    assert_close(out[:, lo:], ff.fixed_fanin_forward_reference(*tail), LOW_PRECISION_TOL, "out tail")
+    assert_close(out[:, lo:], ffr.fixed_fanin_forward_reference(*tail), LOW_PRECISION_TOL, "out tail")
     del out
 
     _, grad_w, grad_b = ff.fixed_fanin_backward_triton(
         grad_out, x, weight, indices, None, None, False, True, True
     )
-    _, gw_ref, gb_ref = ff.fixed_fanin_backward_reference(g_tail, *tail[:3], False)
+    _, gw_ref, gb_ref = ffr.fixed_fanin_backward_reference(g_tail, *tail[:3], False)
     assert_close(grad_w[lo:], gw_ref, LOW_PRECISION_TOL, "grad_w tail")
     assert_close(grad_b[lo:], gb_ref, LOW_PRECISION_TOL, "grad_b tail")
     del grad_w, grad_b
 
     # The input gradient of the last rows only: a CSC of their slots, shifted to their (> 2**31) flat ids.
-    col_ptr, slots = ff.column_transpose(indices[lo:], D)
+    col_ptr, slots = fc.column_transpose(indices[lo:], D)
     slots = slots.long() + lo * K
     grad_x, _, _ = ff.fixed_fanin_backward_triton(
         grad_out, x, weight, indices, col_ptr, slots, True, False, False
     )
-    gx_ref, _, _ = ff.fixed_fanin_backward_reference(g_tail, *tail[:3], True, False, False)
+    gx_ref, _, _ = ffr.fixed_fanin_backward_reference(g_tail, *tail[:3], True, False, False)
     assert_close(grad_x, gx_ref, LOW_PRECISION_TOL, "grad_x tail")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import assert_close
 
+import xmc.kernels.fanin_common as fc
 import xmc.kernels.fixed_fanin as ff
 import xmc.kernels.fixed_fanin_loss as fl
 from xmc.classifiers import DenseClassifier, FixedFanInClassifier, RPSClassifier
@@ -31,8 +32,8 @@ def poisoned(monkeypatch):
     def nan_output(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(fl, "_new_output", nan_output)
-    monkeypatch.setattr(ff, "_new_output", nan_output)
+    for module in (fl, ff, fc):
+        monkeypatch.setattr(module, "new_output", nan_output)
 
 
 def random_case(B, D, L, K, n_pos, bias=True, seed=0, device=DEVICE, dtype=torch.float32):
@@ -75,13 +76,13 @@ CASES = [
 )
 def test_kernel_matches_reference(case, kind, poisoned, monkeypatch):
     B, D, L, K, n_pos, start, stop, buffer_bytes, bias = case
-    monkeypatch.setattr(fl, "_BWD_X_CHUNK_BYTES", buffer_bytes)
+    monkeypatch.setattr(fl, "BWD_X_CHUNK_BYTES", buffer_bytes)
     x, w, idx, b, positives = random_case(B, D, L, K, n_pos, bias)
     rows, cols = positives.block(start, stop)
     scale = 1.0 / (B * L)
     want = fl.fixed_fanin_loss_reference(x, w, idx, b, rows, cols, kind, scale, start, stop)
     got = fl.fixed_fanin_loss_triton(
-        x, w, idx, b, rows, cols, kind, scale, *ff.column_transpose(idx, D), start, stop
+        x, w, idx, b, rows, cols, kind, scale, *fc.column_transpose(idx, D), start, stop
     )
     for g, r, what in zip(got, want, ("loss", "grad_x", "grad_w", "grad_b"), strict=True):
         if r is None:
@@ -108,7 +109,7 @@ def test_kernel_without_the_input_gradient(poisoned):
 def test_kernel_refuses_bad_ranges(poisoned):
     x, w, idx, b, positives = random_case(129, 10, 8, 2, 3, device="cpu")
     rows, cols = positives.block(0, 8)
-    transpose = ff.column_transpose(idx, 10)
+    transpose = fc.column_transpose(idx, 10)
     with pytest.raises(ValueError, match="not within L = 8"):
         fl.fixed_fanin_loss_triton(x[:4], w, idx, b, rows, cols, "bce", 1.0, *transpose, 0, 9)
     with pytest.raises(ValueError, match="unknown loss"):
@@ -221,7 +222,7 @@ def test_gpu_fused_kernel(dtype, B, poisoned):
         x.double(), w.double(), idx, b.double(), rows, cols, "bce", scale, 0, L
     )
     got = fl.fixed_fanin_loss_triton(
-        x, w, idx, b, rows, cols, "bce", scale, *ff.column_transpose(idx, D), 0, L
+        x, w, idx, b, rows, cols, "bce", scale, *fc.column_transpose(idx, D), 0, L
     )
     tol = TOL if dtype == torch.float32 else 1e-2
     for g, r, what in zip(got, want, ("loss", "grad_x", "grad_w", "grad_b"), strict=True):

@@ -14,8 +14,10 @@ import pytest
 import torch
 from conftest import assert_close
 
+import xmc.kernels.fanin_common as fc
 import xmc.kernels.fixed_fanin as ff
 import xmc.kernels.grouped_fanin as gf
+import xmc.kernels.grouped_fanin_reference as gfr
 from xmc.classifiers import FixedFanInClassifier
 from xmc.config import SETOptions
 from xmc.losses import Positives
@@ -74,8 +76,8 @@ def poisoned(monkeypatch):
     def nan_output(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    monkeypatch.setattr(gf, "_new_output", nan_output)
-    monkeypatch.setattr(ff, "_new_output", nan_output)
+    for module in (gf, ff, fc):
+        monkeypatch.setattr(module, "new_output", nan_output)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -86,11 +88,11 @@ def poisoned(monkeypatch):
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_reference_matches_dense(shape, monkeypatch):
     B, D, L, K, G = shape
-    monkeypatch.setattr(gf, "REFERENCE_CHUNK_ELEMENTS", 2 * B * max(K, G))  # two groups a chunk
+    monkeypatch.setattr(gfr, "REFERENCE_CHUNK_ELEMENTS", 2 * B * max(K, G))  # two groups a chunk
     x, w, ids, b, g = random_grouped(B, D, L, K, G, dtype=torch.float64, device="cpu")
     out_ref, gx_ref, gw_ref, gb_ref = dense_oracle(x, w, ids, G, b, g)
-    assert_close(gf.grouped_fanin_forward_reference(x, w, ids, G, b), out_ref, 1e-12, "out")
-    grads = gf.grouped_fanin_backward_reference(g, x, w, ids, G)
+    assert_close(gfr.grouped_fanin_forward_reference(x, w, ids, G, b), out_ref, 1e-12, "out")
+    grads = gfr.grouped_fanin_backward_reference(g, x, w, ids, G)
     for got, want, what in zip(grads, (gx_ref, gw_ref, gb_ref), ("gx", "gw", "gb"), strict=True):
         assert_close(got, want, 1e-12, what)
 
@@ -104,7 +106,7 @@ def test_triton_matches_dense(shape, poisoned):
     out = gf.grouped_fanin_forward_triton(x, w, ids, G, b)
     assert out.dtype == torch.float32
     assert_close(out, out_ref, FP32_TOL, "out")
-    transpose = ff.column_transpose(ids, D)
+    transpose = fc.column_transpose(ids, D)
     grads = gf.grouped_fanin_backward_triton(g, x, w, ids, G, *transpose)
     for got, want, what in zip(grads, (gx_ref, gw_ref, gb_ref), ("gx", "gw", "gb"), strict=True):
         assert_close(got, want, FP32_TOL, what)
@@ -122,13 +124,13 @@ def test_triton_group_of_one_is_the_plain_layer(poisoned):
 def test_triton_input_gradient_of_a_label_block(poisoned, monkeypatch, buffer_bytes):
     """Labels 8..34 of 37 (G = 4) through the whole layer's transpose, in ranges of groups and split
     parts, equal the block's own dense gradient; a block off a group boundary is refused."""
-    monkeypatch.setattr(gf, "_GROUP_BUFFER_BYTES", buffer_bytes)
-    monkeypatch.setattr(gf, "_BWD_X_SPLIT_SLOTS", 1)
+    monkeypatch.setattr(gf, "GROUP_BUFFER_BYTES", buffer_bytes)
+    monkeypatch.setattr(fc, "BWD_X_SPLIT_SLOTS", 1)
     x, w, ids, _, g = random_grouped(3, 13, 37, 5, 4, seed=3)
     label_ids = ids.long().repeat_interleave(4, 0)[:37]
     dense = torch.zeros(37, 13, dtype=torch.float64).scatter_(1, label_ids.cpu(), w.double().cpu())
     want = g[:, 8:35].double().cpu() @ dense[8:35]
-    transpose = ff.column_transpose(ids, 13)
+    transpose = fc.column_transpose(ids, 13)
     got = gf.grouped_fanin_input_gradient_triton(g[:, 8:35], x, w, 4, *transpose, row_start=8)
     assert_close(got, want, FP32_TOL, "grad_x of labels 8..34")
     with pytest.raises(ValueError, match="multiple of G"):
@@ -142,7 +144,7 @@ def test_triton_low_precision(dtype, poisoned):
     x, w, ids, b, g = random_grouped(5, 37, 70, 9, 16, dtype=dtype)
     oracle = dense_oracle(x, w, ids, 16, b, g)
     out = gf.grouped_fanin_forward_triton(x, w, ids, 16, b)
-    grads = gf.grouped_fanin_backward_triton(g, x, w, ids, 16, *ff.column_transpose(ids, 37))
+    grads = gf.grouped_fanin_backward_triton(g, x, w, ids, 16, *fc.column_transpose(ids, 37))
     for got, want, what in zip((out, *grads), oracle, ("out", "gx", "gw", "gb"), strict=True):
         assert got.dtype == dtype, what
         assert_close(got, want, LOW_PRECISION_TOL, what)
@@ -156,7 +158,7 @@ def test_triton_mixed_dtypes_round_weights_like_autocast(poisoned):
     x, g = x.bfloat16(), g.bfloat16()
     out_ref, gx_ref, gw_ref, _ = dense_oracle(x, w.bfloat16(), ids, 8, b, g)
     out = gf.grouped_fanin_forward_triton(x, w, ids, 8, b)
-    grad_x, grad_w, _ = gf.grouped_fanin_backward_triton(g, x, w, ids, 8, *ff.column_transpose(ids, 31))
+    grad_x, grad_w, _ = gf.grouped_fanin_backward_triton(g, x, w, ids, 8, *fc.column_transpose(ids, 31))
     assert out.dtype == grad_x.dtype == torch.bfloat16 and grad_w.dtype == torch.float32
     assert_close(out, out_ref, LOW_PRECISION_TOL, "out")
     assert_close(grad_x, gx_ref, LOW_PRECISION_TOL, "gx")
@@ -166,9 +168,9 @@ def test_triton_mixed_dtypes_round_weights_like_autocast(poisoned):
 def test_shape_errors():
     x, w, ids, b, _ = random_grouped(2, 10, 9, 3, 4, device="cpu")
     with pytest.raises(ValueError, match=r"indices \(ceil\(L / G\), K\) with G = 4, got \(9, 3\) and \(2"):
-        gf.grouped_fanin_forward_reference(x, w, ids[:2], 4, b)
+        gfr.grouped_fanin_forward_reference(x, w, ids[:2], 4, b)
     with pytest.raises(ValueError, match="group must be a positive"):
-        gf.grouped_fanin_forward_reference(x, w, ids, 0, b)
+        gfr.grouped_fanin_forward_reference(x, w, ids, 0, b)
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
@@ -317,7 +319,7 @@ def test_gpu_matches_dense(dtype, shape, poisoned):
     oracle = dense_oracle(x, w, ids, G, b, g)
     tol = FP32_TOL if dtype == torch.float32 else LOW_PRECISION_TOL
     out = gf.grouped_fanin_forward(x, w, ids, G, b)  # auto: Triton on CUDA
-    transpose = ff.column_transpose(ids, 768)
+    transpose = fc.column_transpose(ids, 768)
     grads = gf.grouped_fanin_backward(g, x, w, ids, G, *transpose)
     for got, want, what in zip((out, *grads), oracle, ("out", "gx", "gw", "gb"), strict=True):
         assert got.dtype == dtype, what

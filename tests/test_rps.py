@@ -20,6 +20,8 @@ if not torch.cuda.is_available():
 
 import xmc.classifiers.chunked as chunked  # noqa: E402
 import xmc.kernels.rps as rps  # noqa: E402  (after TRITON_INTERPRET)
+import xmc.kernels.rps_mapping as rm  # noqa: E402
+import xmc.kernels.rps_reference as rr  # noqa: E402
 from xmc.classifiers.rps import RPSClassifier  # noqa: E402
 from xmc.kernels.hashing import hash_keys  # noqa: E402
 from xmc.losses import Positives, dense_loss  # noqa: E402
@@ -39,8 +41,8 @@ B, N, D, OFFSET, TOTAL, M, TILE = 5, 70, 40, 11, 90, 997, (8, 16)
 SCALE = 0.3
 
 
-def mapping(method: str, sign: bool = True, size: int = M, total: int = TOTAL) -> rps.RPSMapping:
-    return rps.RPSMapping(method, size, total, D, seed=7, sign=sign, tile=TILE)
+def mapping(method: str, sign: bool = True, size: int = M, total: int = TOTAL) -> rm.RPSMapping:
+    return rm.RPSMapping(method, size, total, D, seed=7, sign=sign, tile=TILE)
 
 
 def inputs(dtype=torch.float32, seed=0, device="cpu"):
@@ -54,7 +56,7 @@ def inputs(dtype=torch.float32, seed=0, device="cpu"):
 
 def dense_oracle(mp, x, array, bias, grad_out, row_start=OFFSET, scale=SCALE):
     """(out, grad_x, grad_array, grad_bias) in float64 from the materialized weight, by autograd."""
-    slots, signs = rps.rps_slots(mp, torch.arange(row_start, row_start + grad_out.shape[1]), torch.arange(D))
+    slots, signs = rm.rps_slots(mp, torch.arange(row_start, row_start + grad_out.shape[1]), torch.arange(D))
     xd, a, b = (t.detach().cpu().double().requires_grad_() for t in (x, array, bias))
     out = xd @ (scale * signs.double() * a[slots]).T + b
     out.backward(grad_out.cpu().double())
@@ -76,7 +78,8 @@ def poisoned(interpreted, monkeypatch):
         fill = float("nan") if dtype.is_floating_point else 0 if dtype == torch.int8 else -1
         return torch.full(shape, fill, dtype=dtype, device=device)
 
-    monkeypatch.setattr(rps, "_new_output", invalid)
+    for module in (rps, rm):  # the kernels, and the mapping kernel
+        monkeypatch.setattr(module, "new_output", invalid)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -86,7 +89,7 @@ def poisoned(interpreted, monkeypatch):
 
 @needs_triton
 @pytest.mark.parametrize("sign", [True, False])
-@pytest.mark.parametrize("method", rps.METHODS)
+@pytest.mark.parametrize("method", rm.METHODS)
 def test_triton_matches_dense(method, sign, poisoned):
     mp = mapping(method, sign)
     x, array, bias, grad_out = inputs(device=DEVICE)
@@ -124,19 +127,17 @@ def test_triton_low_precision_activations(dtype, poisoned):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("method", rps.METHODS)
+@pytest.mark.parametrize("method", rm.METHODS)
 def test_reference_matches_dense(method, dtype):
     mp = mapping(method)
     x, array, bias, grad_out = inputs(dtype)
     want = dense_oracle(mp, x, array, bias, grad_out)
     tol = FP32_TOL if dtype == torch.float32 else 1e-12
-    cache = rps.RPSTableCache(mp, OFFSET - 3, N + 5)  # covers the rows: the table comes from the cache
+    cache = rm.RPSTableCache(mp, OFFSET - 3, N + 5)  # covers the rows: the table comes from the cache
     results = []
     for c in (None, cache):
-        out = rps.rps_forward_reference(
-            x, array, bias, mp, row_start=OFFSET, num_rows=N, scale=SCALE, cache=c
-        )
-        grads = rps.rps_backward_reference(
+        out = rr.rps_forward_reference(x, array, bias, mp, row_start=OFFSET, num_rows=N, scale=SCALE, cache=c)
+        grads = rr.rps_backward_reference(
             grad_out, x, array, mp, row_start=OFFSET, scale=SCALE, grad_scale=SCALE, cache=c
         )
         for got, ref, what in zip((out, *grads), want, ("out", "gx", "ga", "gb"), strict=True):
@@ -145,7 +146,7 @@ def test_reference_matches_dense(method, dtype):
         results.append((out, *grads))
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)  # cached and hashed tables are the same table
-    assert torch.equal(cache.rows(OFFSET, OFFSET + N), rps.rps_table(mp, OFFSET, N))
+    assert torch.equal(cache.rows(OFFSET, OFFSET + N), rm.rps_table(mp, OFFSET, N))
 
 
 def test_reference_chunks(monkeypatch):
@@ -153,12 +154,10 @@ def test_reference_chunks(monkeypatch):
     mp = mapping("stable")
     x, array, bias, grad_out = inputs(torch.float64)
     want = dense_oracle(mp, x, array, bias, grad_out)
-    monkeypatch.setattr(rps, "REFERENCE_CHUNK_ELEMENTS", 9 * D)  # 9 labels a chunk: 8 chunks, the last has 7
-    monkeypatch.setattr(rps, "_HASH_CHUNK_ELEMENTS", 4 * D)
-    out = rps.rps_forward_reference(x, array, bias, mp, row_start=OFFSET, num_rows=N, scale=SCALE)
-    grads = rps.rps_backward_reference(
-        grad_out, x, array, mp, row_start=OFFSET, scale=SCALE, grad_scale=SCALE
-    )
+    monkeypatch.setattr(rr, "REFERENCE_CHUNK_ELEMENTS", 9 * D)  # 9 labels a chunk: 8 chunks, the last has 7
+    monkeypatch.setattr(rm, "_HASH_CHUNK_ELEMENTS", 4 * D)
+    out = rr.rps_forward_reference(x, array, bias, mp, row_start=OFFSET, num_rows=N, scale=SCALE)
+    grads = rr.rps_backward_reference(grad_out, x, array, mp, row_start=OFFSET, scale=SCALE, grad_scale=SCALE)
     for got, ref, what in zip((out, *grads), want, ("out", "gx", "ga", "gb"), strict=True):
         assert_close(got, ref, 1e-12, what)
 
@@ -180,7 +179,7 @@ def test_function_autograd_and_grad_scale(backend, request):
 
 
 def test_gradcheck_reference():
-    mp = rps.RPSMapping("stable", 23, 9, 6, seed=1, tile=(4, 4))
+    mp = rm.RPSMapping("stable", 23, 9, 6, seed=1, tile=(4, 4))
     gen = torch.Generator().manual_seed(0)
     x, array, bias = (
         torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True) for s in [(3, 6), (23,), (7,)]
@@ -211,7 +210,7 @@ def test_auto_backend_on_cpu_uses_reference(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _spec_slot_and_sign(mp: rps.RPSMapping, label: int, d: int) -> tuple[int, int]:
+def _spec_slot_and_sign(mp: rm.RPSMapping, label: int, d: int) -> tuple[int, int]:
     """The mapping of one weight as the module docstring defines it, in plain Python integers."""
 
     def mix32(x):
@@ -224,7 +223,7 @@ def _spec_slot_and_sign(mp: rps.RPSMapping, label: int, d: int) -> tuple[int, in
     def fold(state, key):
         return mix32(((state ^ (key & 0xFFFFFFFF)) + 0x9E3779B9) & 0xFFFFFFFF)
 
-    seed_slot, seed_sign = (int(hash_keys(mp.seed, rps._SALTS[k])) for k in (mp.method, "sign"))
+    seed_slot, seed_sign = (int(hash_keys(mp.seed, rm._SALTS[k])) for k in (mp.method, "sign"))
     m, (tl_, td), L, D_ = mp.size, mp.tile, mp.num_labels, mp.in_features
     if mp.method == "hashednet":
         slot = fold(fold(seed_slot, label), d) % m
@@ -238,30 +237,30 @@ def _spec_slot_and_sign(mp: rps.RPSMapping, label: int, d: int) -> tuple[int, in
     return slot, (-1 if bit and mp.sign else 1)
 
 
-@pytest.mark.parametrize("method", rps.METHODS)
+@pytest.mark.parametrize("method", rm.METHODS)
 def test_torch_mapping_follows_the_spec(method):
-    mp = rps.RPSMapping(method, 61, TOTAL, D, seed=5, tile=TILE)  # m = 61 < L * D: stable folds 59 pieces
+    mp = rm.RPSMapping(method, 61, TOTAL, D, seed=5, tile=TILE)  # m = 61 < L * D: stable folds 59 pieces
     rows = torch.arange(TOTAL - 12, TOTAL)  # the last, short tile row
-    slots, signs = rps.rps_slots(mp, rows, torch.arange(D))
+    slots, signs = rm.rps_slots(mp, rows, torch.arange(D))
     want = [[_spec_slot_and_sign(mp, int(r), d) for d in range(D)] for r in rows]
     assert slots.tolist() == [[s for s, _ in row] for row in want]
     assert signs.tolist() == [[g for _, g in row] for row in want]
-    other, _ = rps.rps_slots(dataclasses.replace(mp, seed=6), rows, torch.arange(D))
+    other, _ = rm.rps_slots(dataclasses.replace(mp, seed=6), rows, torch.arange(D))
     assert not torch.equal(other, slots)  # the seed matters
 
 
 @needs_triton
 @pytest.mark.parametrize("sign", [True, False])
-@pytest.mark.parametrize("method", rps.METHODS)
+@pytest.mark.parametrize("method", rm.METHODS)
 def test_triton_mapping_equals_torch(method, sign, poisoned):
     for mp, start, rows in (
         (mapping(method, sign), OFFSET, N),
         # label ids beyond 2**31 and a virtual position beyond 2**32 (int64 paths, uint32 wrap-around)
-        (rps.RPSMapping(method, 12_345, 2**31 + 100, D, seed=2**40 + 3, sign=sign), 2**31 + 5, 37),
+        (rm.RPSMapping(method, 12_345, 2**31 + 100, D, seed=2**40 + 3, sign=sign), 2**31 + 5, 37),
     ):
-        slots, signs = rps.rps_slots_triton(mp, start, rows, device=DEVICE)
+        slots, signs = rm.rps_slots_triton(mp, start, rows, device=DEVICE)
         slots, signs = slots.cpu(), signs.cpu()
-        want_slots, want_signs = rps.rps_slots(mp, torch.arange(start, start + rows), torch.arange(D))
+        want_slots, want_signs = rm.rps_slots(mp, torch.arange(start, start + rows), torch.arange(D))
         assert torch.equal(slots, want_slots)
         assert torch.equal(signs, want_signs)
         assert int(slots.min()) >= 0 and int(slots.max()) < mp.size
@@ -296,7 +295,7 @@ def test_roast_tiles_are_contiguous_runs():
     m, (tl_, td) = 97, TILE  # m below a tile's size: runs wrap around the array
     clf = RPSClassifier(D, N, method="roast", size=m, tile=TILE, label_offset=OFFSET, total_labels=TOTAL)
     rows, cols = torch.arange(OFFSET, OFFSET + N), torch.arange(D)
-    slots, _ = rps.rps_slots(clf.mapping, rows, cols)
+    slots, _ = rm.rps_slots(clf.mapping, rows, cols)
     within = (rows % tl_ * td)[:, None] + (cols % td)[None, :]  # i * TD + j
     start = (slots - within) % m  # the tile's offset, for every weight
     tile_id = (rows // tl_)[:, None] * 1000 + (cols // td)[None, :]
@@ -314,7 +313,7 @@ def test_hashednet_counts():
 
 
 @pytest.mark.parametrize("init_scale", [0.01, 1.0])
-@pytest.mark.parametrize("method", rps.METHODS)
+@pytest.mark.parametrize("method", rm.METHODS)
 def test_initial_std(method, init_scale):
     clf = RPSClassifier(64, 300, method=method, compression=4, init_scale=init_scale, seed=5)
     std = float(clf.materialize().std())
@@ -339,11 +338,11 @@ def _positives() -> Positives:
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
-@pytest.mark.parametrize("method", rps.METHODS)
+@pytest.mark.parametrize("method", rm.METHODS)
 def test_classifier_loss_matches_dense(method, backend, monkeypatch, request):
     if backend == "triton":
         request.getfixturevalue("interpreted")
-        monkeypatch.setattr(rps, "_use_triton", lambda backend, x, array: True)
+        monkeypatch.setattr(rps, "use_triton", lambda backend, x, array: True)
     monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", B * 16)  # 16 labels a chunk: 5 chunks, the last has 6
     device = DEVICE if backend == "triton" else "cpu"
     clf = RPSClassifier(
@@ -356,7 +355,7 @@ def test_classifier_loss_matches_dense(method, backend, monkeypatch, request):
     loss = clf.loss(h, _positives().to(device), "bce")
     loss.backward()
 
-    slots, signs = rps.rps_slots(clf.mapping, torch.arange(OFFSET, OFFSET + N), torch.arange(D))
+    slots, signs = rm.rps_slots(clf.mapping, torch.arange(OFFSET, OFFSET + N), torch.arange(D))
     hd, a, b = (t.detach().cpu().double().requires_grad_() for t in (h, clf.array, clf.bias))
     want = dense_loss(hd @ (clf.scale * signs * a[slots]).T + b, _positives(), "bce")
     want.backward()
@@ -403,7 +402,7 @@ def test_stable_grad_scaling():
     torch.testing.assert_close(large, small * (1.0 / 0.01) ** 2, rtol=1e-6, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", rps.METHODS)
+@pytest.mark.parametrize("method", rm.METHODS)
 def test_shards_cover_the_labels(method):
     whole = RPSClassifier(D, N, method=method, size=M, tile=TILE, seed=2)
     with torch.no_grad():
@@ -427,7 +426,7 @@ def test_table_cache_follows_the_mapping_and_rows():
     cpu = torch.device("cpu")
     cache = clf._table_cache(cpu)
     assert clf._table_cache(cpu) is cache
-    assert torch.equal(cache.rows(23, 29), rps.rps_table(clf.mapping, 23, 6))
+    assert torch.equal(cache.rows(23, 29), rm.rps_table(clf.mapping, 23, 6))
     clf.label_offset = 0  # rows the cache does not hold: a new cache
     assert clf._table_cache(cpu) is not cache
     cache = clf._table_cache(cpu)
@@ -489,7 +488,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="compression 1"):
         RPSClassifier(D, N, method="roast", compression=1).load_dense(torch.zeros(N, D))
     with pytest.raises(ValueError, match="array must have shape"):
-        rps.rps_forward_reference(torch.zeros(2, D), torch.zeros(5), None, mapping("stable"), row_start=0,
+        rr.rps_forward_reference(torch.zeros(2, D), torch.zeros(5), None, mapping("stable"), row_start=0,
                                   num_rows=3, scale=1.0)  # fmt: skip
 
 
@@ -501,13 +500,13 @@ def test_clear_errors():
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("method", rps.METHODS)
+@pytest.mark.parametrize("method", rm.METHODS)
 @pytest.mark.parametrize(("Bg", "L"), [(128, 20_011), (37, 4_099)])
 def test_gpu_matches_reference(method, dtype, Bg, L, poisoned):
     """Compiled kernels against float64 of the (rounded) inputs; fresh inputs per case, poisoned outputs."""
     Dg = 768
-    mp = rps.RPSMapping(method, L * Dg // 8 + 3, L, Dg, seed=1)
-    seed = rps.METHODS.index(method) * 4 + 2 * (dtype == torch.bfloat16) + (Bg == 37)
+    mp = rm.RPSMapping(method, L * Dg // 8 + 3, L, Dg, seed=1)
+    seed = rm.METHODS.index(method) * 4 + 2 * (dtype == torch.bfloat16) + (Bg == 37)
     gen = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(Bg, Dg, device="cuda", generator=gen).to(dtype)
     array = torch.randn(mp.size, device="cuda", generator=gen)
@@ -516,11 +515,11 @@ def test_gpu_matches_reference(method, dtype, Bg, L, poisoned):
     tol = FP32_TOL if dtype == torch.float32 else LOW_PRECISION_TOL
     kw = dict(row_start=0, scale=0.05)
     out = rps.rps_forward(x, array, bias, mp, num_rows=L, **kw)
-    want = rps.rps_forward_reference(x.double(), array.double(), bias.double(), mp, num_rows=L, **kw)
+    want = rr.rps_forward_reference(x.double(), array.double(), bias.double(), mp, num_rows=L, **kw)
     assert out.dtype == dtype
     assert_close(out, want, tol, "out")
     grads = rps.rps_backward(grad_out, x, array, mp, grad_scale=0.05, **kw)
-    wants = rps.rps_backward_reference(
+    wants = rr.rps_backward_reference(
         grad_out.double(), x.double(), array.double(), mp, grad_scale=0.05, **kw
     )
     for got, ref, what in zip(grads, wants, ("gx", "ga", "gb"), strict=True):

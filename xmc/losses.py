@@ -2,7 +2,9 @@
 
 Targets are never built as a dense B x L matrix: a batch's positives travel as CSR (``Positives``), and a
 label chunk's loss is computed as if every pair were negative, then corrected at the chunk's few positive
-coordinates (:func:`chunk_loss_and_grad`), so no target block is materialized or multiplied.
+coordinates (:func:`chunk_loss_and_grad`), so no target block is materialized or multiplied. That per-chunk
+loss and ``LOSSES`` are defined in :mod:`xmc.kernels.losses` (the kernels' reference twins use them too) and
+re-exported here.
 
 Both losses are means over all B x L (document, label) pairs, as ``torch.nn.BCEWithLogitsLoss`` and
 the anchors' squared hinge average them:
@@ -20,7 +22,9 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("bce", "squared_hinge")
+from xmc.kernels.losses import LOSSES, chunk_loss_and_grad
+
+__all__ = ["LOSSES", "Positives", "chunk_loss_and_grad", "dense_loss"]
 
 
 @dataclass
@@ -80,40 +84,6 @@ class Positives:
         inside = (self.indices >= start) & (self.indices < stop)
         block[self.rows()[inside], self.indices[inside] - start] = 1
         return block
-
-
-def chunk_loss_and_grad(
-    logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, kind: str, want_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The summed loss of a logit block whose positives sit at ``(rows, cols)`` (distinct) and, if
-    asked, its gradient d(sum)/d(logits); computed in fp32 (float64 for float64 logits).
-
-    Every pair is first scored as a negative (BCE ``softplus(z)``, gradient ``sigmoid(z)``; squared
-    hinge ``max(0, 1 + z)^2``, gradient ``2 max(0, 1 + z)``), then the positives' terms are swapped for
-    their positive form: one elementwise pass over the block instead of building, converting and
-    multiplying a dense 0/1 target block."""
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    zp = z[rows, cols]
-    if kind == "bce":
-        total = F.softplus(z).sum() - zp.sum()
-        if not want_grad:
-            return total, None
-        grad = torch.sigmoid(z)
-        grad[rows, cols] -= 1
-        return total, grad
-    if kind == "squared_hinge":
-        negative = torch.clamp(1 + z, min=0)
-        total = (
-            negative.square().sum()
-            - torch.clamp(1 + zp, min=0).square().sum()
-            + torch.clamp(1 - zp, min=0).square().sum()
-        )
-        if not want_grad:
-            return total, None
-        grad = negative.mul_(2)
-        grad[rows, cols] = -2 * torch.clamp(1 - zp, min=0)
-        return total, grad
-    raise ValueError(f"unknown loss {kind!r}: choose one of {', '.join(LOSSES)}")
 
 
 def dense_loss(logits: torch.Tensor, positives: Positives, kind: str = "bce") -> torch.Tensor:

@@ -21,7 +21,7 @@ from xmc.kernels.fixed_fanin import (
 )
 from xmc.kernels.fixed_fanin_loss import fixed_fanin_loss_triton
 from xmc.kernels.grouped_fanin import (
-    _GROUP_BUFFER_BYTES,
+    GROUP_BUFFER_BYTES,
     grouped_fanin,
     grouped_fanin_backward,
     grouped_fanin_input_gradient_triton,
@@ -238,7 +238,7 @@ class FixedFanInClassifier(Classifier):
             "chunk_gradient": chunk_gradient_bytes(num_labels, batch_size, fan_in + bias, param_bytes),
         }
         if group > 1:  # the grouped input gradient's per-slot products of a range of groups (fp32)
-            parts["group_products"] = min(_GROUP_BUFFER_BYTES, slots * max(batch_size, 1) * 4)
+            parts["group_products"] = min(GROUP_BUFFER_BYTES, slots * max(batch_size, 1) * 4)
         return parts
 
     def shape_options(self) -> dict:

@@ -28,16 +28,9 @@ from torch import nn
 
 from xmc.classifiers.base import Classifier
 from xmc.classifiers.chunked import label_chunk, shard_range
-from xmc.kernels.rps import (
-    METHODS,
-    REFERENCE_CHUNK_ELEMENTS,
-    RPSMapping,
-    RPSTableCache,
-    rps_backward,
-    rps_linear,
-    rps_slots,
-    rps_weight,
-)
+from xmc.kernels.rps import rps_backward, rps_linear
+from xmc.kernels.rps_mapping import METHODS, RPSMapping, RPSTableCache, rps_slots
+from xmc.kernels.rps_reference import REFERENCE_CHUNK_ELEMENTS, rps_weight
 from xmc.memory.bytes import chunk_gradient_bytes, logits_bytes, optimizer_state_bytes
 
 # The CPU slot-table cache (4 bytes per weight) is kept up to this many weights (1 GiB); beyond it the

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from xmc.kernels._common import jit as _jit
-from xmc.kernels._common import tl, triton
+from xmc.kernels._common import require_triton, tl, triton
 from xmc.kernels.hashing import fold32, hash_keys
 
 __all__ = ["MAX_BLOCK", "fill_distinct_triton"]
@@ -129,8 +129,7 @@ def fill_distinct_triton(
         ``(ids, left)``: (R, K) int64 ids, and (R,) int32 slots each row still had pending when
         ``max_rounds`` ran out (all 0 normally; the caller raises otherwise).
     """
-    if triton is None:
-        raise RuntimeError("Triton is not installed; use the PyTorch path of xmc.sparse.ids.fill_distinct")
+    require_triton("use the PyTorch path of xmc.sparse.ids.fill_distinct")
     num_rows, fan_in = ids.shape
     width = avoid.shape[1] if avoid is not None else 0
     block_k = triton.next_power_of_2(max(fan_in, 1))

@@ -16,7 +16,7 @@ tile's positives (found by binary search in the positives sorted by label), eval
 gradient in registers, writes the gradient's bias and weight parts (larger batches run tile after tile, each
 adding its part to fp32 sums, so a batch of any size takes the fused path), and writes the gradient transposed
 into a label range's buffer (at most 32 MiB, L2-resident), from which the fixed fan-in input-gradient kernel
-(:mod:`xmc.kernels.fixed_fanin`) adds the range's share of grad_x. Neither the B x L logits, nor targets, nor
+(:mod:`xmc.kernels.fanin_common`) adds the range's share of grad_x. Neither the B x L logits, nor targets, nor
 the full B x L gradient ever exist: the only B x L-sized traffic is that buffer. Each program writes its loss
 partial sum to its own slot (summed on the host in a fixed order: deterministic).
 
@@ -25,29 +25,24 @@ L K (s_w + s_i) once, x gathers B L K s_x (from L2) twice (logits, weight gradie
 B L s_x written and read by the input gradient, grad_w / grad_b L (K + 1) s_w written.
 
 The reference twin (``fixed_fanin_loss_reference``) runs the same computation with the PyTorch references of
-the layer and :func:`xmc.losses.chunk_loss_and_grad`; it is the CPU path and the test oracle.
+the layer and :func:`xmc.kernels.losses.chunk_loss_and_grad`; it is the CPU path and the test oracle.
 """
 
 from __future__ import annotations
 
 import torch
 
+from xmc.kernels._common import TRITON_DTYPES, block, new_output, require_triton, tl, triton
 from xmc.kernels._common import jit as _jit
-from xmc.kernels._common import tl, triton
-from xmc.kernels.fixed_fanin import (
-    _BWD_X_CHUNK_BYTES,
-    _BWD_X_SPLIT_SLOTS,
-    _BWD_X_SPLITS,
-    TRITON_DTYPES,
-    _block,
-    _gather_input_gradient,
-    _lower_bound,
-    _new_output,
-    _require_triton,
-    fixed_fanin_backward_reference,
-    fixed_fanin_forward_reference,
+from xmc.kernels.fanin_common import (
+    BWD_X_CHUNK_BYTES,
+    gather_input_gradient,
+    input_gradient_splits,
+    lower_bound,
+    search_steps,
 )
-from xmc.losses import LOSSES, chunk_loss_and_grad
+from xmc.kernels.fixed_fanin_reference import fixed_fanin_backward_reference, fixed_fanin_forward_reference
+from xmc.kernels.losses import LOSSES, chunk_loss_and_grad
 
 __all__ = ["MAX_BATCH", "fixed_fanin_loss_reference", "fixed_fanin_loss_triton"]
 
@@ -115,8 +110,8 @@ def _fixed_fanin_loss_kernel(
 
     # The tile's positives: each label's run in the label-sorted pairs, found by binary search.
     zero = tl.zeros((BLOCK_L,), dtype=tl.int64)
-    first = _lower_bound(pos_label_ptr, zero, zero + nnz, local + label0, steps)
-    last = _lower_bound(pos_label_ptr, first, zero + nnz, local + label0 + 1, steps)
+    first = lower_bound(pos_label_ptr, zero, zero + nnz, local + label0, steps)
+    last = lower_bound(pos_label_ptr, first, zero + nnz, local + label0 + 1, steps)
     count = tl.where(mask_l, last - first, 0)
     y = tl.zeros((BLOCK_L, BLOCK_B), dtype=tl.int1)
     for j in range(0, tl.max(count, axis=0)):
@@ -188,7 +183,7 @@ def fixed_fanin_loss_triton(
     fp32 (None unless ``need_x``; needs the whole layer's ``column_transpose`` as ``col_ptr`` / ``slots``),
     grad_w (n, K) in the weight's dtype and grad_b (n,) in the bias's dtype; every gradient is times
     ``scale``."""
-    _require_triton()
+    require_triton()
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}: choose one of {', '.join(LOSSES)}")
     B, D = x.shape
@@ -201,8 +196,8 @@ def fixed_fanin_loss_triton(
         raise ValueError("the input gradient needs the layer's column_transpose (col_ptr, slots)")
     n = row_stop - row_start
     device = x.device
-    grad_w = _new_output((n, K), weight.dtype, device)
-    grad_b = _new_output((n,), bias.dtype, device) if bias is not None else None
+    grad_w = new_output((n, K), weight.dtype, device)
+    grad_b = new_output((n,), bias.dtype, device) if bias is not None else None
     grad_x = torch.zeros((B, D), dtype=torch.float32, device=device) if need_x else None
     if n == 0 or B == 0:
         return (
@@ -217,8 +212,8 @@ def fixed_fanin_loss_triton(
     nnz = pos_labels.numel()
     if nnz == 0:  # a pointer to one unread element stands for the empty list
         pos_labels = pos_rows = torch.zeros(1, dtype=torch.int64, device=device)
-    steps = max(1, nnz.bit_length() + 1)
-    block_b = max(16, _block(B, MAX_BATCH))
+    steps = search_steps(nnz)
+    block_b = max(16, block(B, MAX_BATCH))
     tiles = range(0, B, block_b)
     tiled = len(tiles) > 1
     # Tiles add their parts: into fp32 sums, cast to the parameters' dtypes once at the end.
@@ -226,13 +221,13 @@ def fixed_fanin_loss_triton(
     sum_b = (
         None if bias is None else (torch.zeros((n,), dtype=torch.float32, device=device) if tiled else grad_b)
     )
-    per_range = max(_BLOCK_L, _BWD_X_CHUNK_BYTES // (B * x.element_size()) // _BLOCK_L * _BLOCK_L)
-    gt = _new_output((min(per_range, n), B), x.dtype, device)
+    per_range = max(_BLOCK_L, BWD_X_CHUNK_BYTES // (B * x.element_size()) // _BLOCK_L * _BLOCK_L)
+    gt = new_output((min(per_range, n), B), x.dtype, device)
     programs = triton.cdiv(min(per_range, n), _BLOCK_L)
-    partials = _new_output((triton.cdiv(n, per_range), len(tiles), programs), torch.float32, device)
-    x_steps = max(1, (L * K).bit_length() + 1)
-    splits = max(1, min(_BWD_X_SPLITS, min(per_range, n) * K // (D * _BWD_X_SPLIT_SLOTS)))
-    parts = _new_output((splits, B, D), torch.float32, device) if need_x else None
+    partials = new_output((triton.cdiv(n, per_range), len(tiles), programs), torch.float32, device)
+    x_steps = search_steps(L * K)
+    splits = input_gradient_splits(min(per_range, n) * K, D)
+    parts = new_output((splits, B, D), torch.float32, device) if need_x else None
     for i, r0 in enumerate(range(0, n, per_range)):
         r1 = min(n, r0 + per_range)
         grid = (triton.cdiv(r1 - r0, _BLOCK_L),)
@@ -273,7 +268,7 @@ def fixed_fanin_loss_triton(
                 num_warps=4,
             )
         if need_x:
-            grad_x += _gather_input_gradient(
+            grad_x += gather_input_gradient(
                 gt, weight, col_ptr, slots, parts, K, row_start + r0, row_start + r1, x_steps
             )
     if tiled:
@@ -297,7 +292,7 @@ def fixed_fanin_loss_reference(
     need_x: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """The contract of ``fixed_fanin_loss_triton`` (any B, float64 too) through the layer's PyTorch
-    references: logits, :func:`xmc.losses.chunk_loss_and_grad`, then the backward."""
+    references: logits, :func:`xmc.kernels.losses.chunk_loss_and_grad`, then the backward."""
     w, ids = weight[row_start:row_stop], indices[row_start:row_stop]
     b = bias[row_start:row_stop] if bias is not None else None
     logits = fixed_fanin_forward_reference(x, w, ids, b)

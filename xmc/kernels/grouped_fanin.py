@@ -22,7 +22,7 @@ product accumulates in fp32.
 
 The input gradient in two passes, deterministic and without atomics. Pass 1 writes ``p`` for a range of
 groups into an fp32 buffer (rows ``(g - g0) * K + j``, B columns; at most 32 MiB, so it stays in L2). Pass 2
-is the fixed fan-in input-gradient kernel (:mod:`xmc.kernels.fixed_fanin`) over the column transpose of the
+is the fixed fan-in input-gradient kernel (:mod:`xmc.kernels.fanin_common`) over the column transpose of the
 group ids, with every weight 1: for each column d it gathers the rows of ``p`` whose slot holds d.
 
 Memory traffic (s_x, s_w, s_g: bytes per element of x, weight, grad_out; s_i: bytes per id, n = L / G):
@@ -33,8 +33,9 @@ Memory traffic (s_x, s_w, s_g: bytes per element of x, weight, grad_out; s_i: by
                  CSC slot ids n * K * 4
     weight grad  ids n * K * s_i, x gathers B * n * K * s_x, grad_out B * L * s_g, grad_w L * K * s_w
 
-The plain-PyTorch twin (``grouped_fanin_forward_reference`` / ``grouped_fanin_backward_reference``) runs a
-range of groups at a time as batched matrix products; it is the CPU path and the test oracle. A grouped layer
+The plain-PyTorch twin (``grouped_fanin_forward_reference`` / ``grouped_fanin_backward_reference`` in
+:mod:`xmc.kernels.grouped_fanin_reference`) runs a range of groups at a time as batched matrix products; it is
+the CPU path and the test oracle. A grouped layer
 with G = 1 is the plain fixed fan-in layer.
 """
 
@@ -45,33 +46,29 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
+from xmc.kernels._common import TRITON_DTYPES, block, new_output, require_triton, tl, triton, use_triton
 from xmc.kernels._common import jit as _jit
-from xmc.kernels._common import tl, triton
-from xmc.kernels.fixed_fanin import (
-    _BWD_X_CHUNK_BYTES,
-    _BWD_X_SPLIT_SLOTS,
-    _BWD_X_SPLITS,
-    REFERENCE_CHUNK_ELEMENTS,
-    TRITON_DTYPES,
-    _accumulation_dtype,
-    _block,
-    _check_grad_out,
-    _check_layer,
-    _gather_input_gradient,
-    _new_output,
-    _require_triton,
+from xmc.kernels.fanin_common import (
+    BWD_X_CHUNK_BYTES,
+    check_grad_out,
+    check_layer,
     column_transpose,
-    use_triton,
+    gather_input_gradient,
+    input_gradient_splits,
+    search_steps,
+)
+from xmc.kernels.grouped_fanin_reference import (
+    grouped_fanin_backward_reference,
+    grouped_fanin_forward_reference,
 )
 
 __all__ = [
+    "GROUP_BUFFER_BYTES",
     "GroupedFanInFunction",
     "grouped_fanin",
     "grouped_fanin_backward",
-    "grouped_fanin_backward_reference",
     "grouped_fanin_backward_triton",
     "grouped_fanin_forward",
-    "grouped_fanin_forward_reference",
     "grouped_fanin_forward_triton",
     "grouped_fanin_input_gradient_triton",
     "num_groups",
@@ -81,7 +78,7 @@ __all__ = [
 # up to 128 rows, the K slots in blocks of up to 64.
 _MAX_BLOCK_B, _MAX_BLOCK_K, _MIN_DOT = 128, 64, 16
 # The input gradient's per-slot products of a range of groups (fp32; small enough to stay in L2).
-_GROUP_BUFFER_BYTES = _BWD_X_CHUNK_BYTES
+GROUP_BUFFER_BYTES = BWD_X_CHUNK_BYTES
 
 
 def num_groups(num_labels: int, group: int) -> int:
@@ -305,9 +302,9 @@ def _low_precision(t: torch.Tensor) -> bool:
 def _blocks(B: int, G: int, K: int) -> tuple[int, int, int]:
     """(BLOCK_B, BLOCK_G, BLOCK_K): powers of two, at least 16 each (tl.dot's smallest tile)."""
     return (
-        max(_MIN_DOT, _block(B, _MAX_BLOCK_B)),
+        max(_MIN_DOT, block(B, _MAX_BLOCK_B)),
         max(_MIN_DOT, triton.next_power_of_2(G)),
-        max(_MIN_DOT, _block(K, _MAX_BLOCK_K)),
+        max(_MIN_DOT, block(K, _MAX_BLOCK_K)),
     )
 
 
@@ -325,12 +322,12 @@ def grouped_fanin_forward_triton(
 ) -> torch.Tensor:
     """Triton forward: x (B, D), weight (L, K), indices (ceil(L / G), K) int16/int32, bias (L,) or None ->
     out (B, L) in x's dtype."""
-    _require_triton()
-    _check_layer(x, weight, indices, bias, triton_path=True, group=group)
+    require_triton()
+    check_layer(x, weight, indices, bias, triton_path=True, group=group)
     x, weight, indices = x.contiguous(), weight.contiguous(), indices.contiguous()
     bias = bias.contiguous() if bias is not None else None
     B, (L, K) = x.shape[0], weight.shape
-    out = _new_output((B, L), x.dtype, x.device)
+    out = new_output((B, L), x.dtype, x.device)
     if out.numel() == 0:
         return out
     xt = x.t().contiguous()  # (D, B)
@@ -375,7 +372,7 @@ def grouped_fanin_input_gradient_triton(
     """Triton input gradient of a block of labels: grad_x (B, D) in x's dtype from ``grad_out`` (B, n), the
     gradients of labels ``row_start .. row_start + n - 1`` (``row_start`` a multiple of G) of the layer whose
     whole ``weight`` (L, K) and group-id ``column_transpose`` (``col_ptr``, ``slots``) are given."""
-    _require_triton()
+    require_triton()
     B, D = x.shape
     L, K = weight.shape
     n = grad_out.shape[1] if grad_out.dim() == 2 else -1
@@ -388,28 +385,26 @@ def grouped_fanin_input_gradient_triton(
         raise ValueError(f"grad_out and x must be one of {TRITON_DTYPES}, got {grad_out.dtype} and {x.dtype}")
     if col_ptr.shape != (D + 1,) or col_ptr.dtype != torch.int64 or slots.dim() != 1:
         raise ValueError("col_ptr / slots must be column_transpose(indices, D) of the layer's group ids")
-    grad_x = _new_output((B, D), x.dtype, x.device)
+    grad_x = new_output((B, D), x.dtype, x.device)
     if grad_x.numel() == 0:
         return grad_x
     if n == 0:
         return grad_x.zero_()
     grad_out, weight = grad_out.contiguous(), weight.contiguous()
     col_ptr, slots = col_ptr.contiguous(), slots.contiguous()
-    # Pass 1 fills p for a range of groups at a time (an fp32 buffer of at most _BWD_X_CHUNK_BYTES); pass 2
+    # Pass 1 fills p for a range of groups at a time (an fp32 buffer of at most GROUP_BUFFER_BYTES); pass 2
     # gathers, per column, the p rows of that range whose slot holds the column (weights all 1).
     first_group, end_group = row_start // group, num_groups(row_start + n, group)
-    per_range = max(1, _GROUP_BUFFER_BYTES // (K * B * 4))
+    per_range = max(1, GROUP_BUFFER_BYTES // (K * B * 4))
     block_b, block_g, block_k = _blocks(B, group, K)
-    steps = max(1, slots.numel().bit_length() + 1)
-    splits = max(
-        1, min(_BWD_X_SPLITS, min(per_range, end_group - first_group) * K // (D * _BWD_X_SPLIT_SLOTS))
-    )
+    steps = search_steps(slots.numel())
+    splits = input_gradient_splits(min(per_range, end_group - first_group) * K, D)
     ones = torch.ones(1, dtype=torch.float32, device=x.device)
-    parts = _new_output((splits, B, D), torch.float32, x.device)
+    parts = new_output((splits, B, D), torch.float32, x.device)
     total = torch.zeros((B, D), dtype=torch.float32, device=x.device)
     for g0 in range(first_group, end_group, per_range):
         g1 = min(end_group, g0 + per_range)
-        p = _new_output(((g1 - g0) * K, B), torch.float32, x.device)
+        p = new_output(((g1 - g0) * K, B), torch.float32, x.device)
         # grad_out's column 0 is label row_start = first_group * G.
         _grouped_fanin_bwd_p_kernel[(g1 - g0, triton.cdiv(B, block_b))](
             grad_out,
@@ -432,7 +427,7 @@ def grouped_fanin_input_gradient_triton(
             BLOCK_K=block_k,
             num_warps=4,
         )
-        total += _gather_input_gradient(
+        total += gather_input_gradient(
             p, ones, col_ptr, slots, parts, 1, g0 * K, g1 * K, steps, weight_strides=(0, 0)
         )  # a pass-2 row is one group slot
     return grad_x.copy_(total)
@@ -453,9 +448,9 @@ def grouped_fanin_backward_triton(
     """Triton backward: grad_out (B, L) -> (grad_x (B, D) in x's dtype, grad_w (L, K) and grad_b (L,) in the
     weight's dtype), None for what is not needed. ``col_ptr`` / ``slots`` are
     ``column_transpose(indices, D)`` of the group ids, required only when ``need_x``."""
-    _require_triton()
-    _check_layer(x, weight, indices, None, triton_path=True, group=group)
-    _check_grad_out(grad_out, x, weight, TRITON_DTYPES)
+    require_triton()
+    check_layer(x, weight, indices, None, triton_path=True, group=group)
+    check_grad_out(grad_out, x, weight, TRITON_DTYPES)
     grad_out, x, weight, indices = (
         grad_out.contiguous(),
         x.contiguous(),
@@ -473,8 +468,8 @@ def grouped_fanin_backward_triton(
 
 def _weight_gradient_triton(grad_out, x, weight, indices, group, need_w, need_b):
     B, (L, K) = x.shape[0], weight.shape
-    grad_w = _new_output((L, K), weight.dtype, weight.device) if need_w else None
-    grad_b = _new_output((L,), weight.dtype, weight.device) if need_b else None
+    grad_w = new_output((L, K), weight.dtype, weight.device) if need_w else None
+    grad_b = new_output((L,), weight.dtype, weight.device) if need_b else None
     if L == 0 or not (need_w or need_b):
         return grad_w, grad_b
     if B == 0:
@@ -508,94 +503,6 @@ def _weight_gradient_triton(grad_out, x, weight, indices, group, need_w, need_b)
         num_warps=4,
     )
     return grad_w, grad_b
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Plain-PyTorch reference (CPU path and test oracle)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _group_chunk(B: int, K: int, G: int) -> int:
-    """Groups per reference chunk: the gathered (B, groups, K) inputs and the (B, groups * G) products stay
-    under REFERENCE_CHUNK_ELEMENTS."""
-    return max(1, REFERENCE_CHUNK_ELEMENTS // max(1, B * max(K, G)))
-
-
-def _padded_rows(t: torch.Tensor, lo: int, hi: int, group: int) -> torch.Tensor:
-    """Labels ``lo*G .. hi*G - 1`` of an (L, ...) tensor, the missing tail of the last group as zeros."""
-    rows = t[lo * group : hi * group]
-    missing = (hi - lo) * group - rows.shape[0]
-    if missing:
-        rows = torch.cat([rows, rows.new_zeros((missing, *rows.shape[1:]))])
-    return rows
-
-
-def grouped_fanin_forward_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    indices: torch.Tensor,
-    group: int,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Reference forward, the Triton contract plus float64 and int64 ids, on any device: per range of
-    groups, gather X_g (groups, B, K) and multiply by W_g^T (groups, K, G) in one batched product."""
-    _check_layer(x, weight, indices, bias, triton_path=False, group=group)
-    with torch.autocast(x.device.type, enabled=False):
-        B, (L, K) = x.shape[0], weight.shape
-        acc = _accumulation_dtype(x.dtype, weight.dtype)
-        xt = x.to(acc).t()  # (D, B)
-        out = torch.empty((B, L), dtype=x.dtype, device=x.device)
-        n, step = indices.shape[0], _group_chunk(B, K, group)
-        for lo in range(0, n, step):
-            hi = min(n, lo + step)
-            gathered = xt[indices[lo:hi].long()]  # (groups, K, B)
-            w = _padded_rows(weight, lo, hi, group).to(acc).view(hi - lo, group, K)
-            part = torch.bmm(w, gathered).reshape((hi - lo) * group, B).t()  # (B, groups * G)
-            stop = min(L, hi * group)
-            part = part[:, : stop - lo * group]
-            if bias is not None:
-                part = part + bias[lo * group : stop].to(acc)
-            out[:, lo * group : stop] = part
-        return out
-
-
-def grouped_fanin_backward_reference(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    indices: torch.Tensor,
-    group: int,
-    need_x: bool = True,
-    need_w: bool = True,
-    need_b: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Reference backward, the contract of ``grouped_fanin_backward_triton``: per range of groups,
-    p = W_g^T @ grad_out_g^T is scattered into grad_x's columns (``index_add_``) and grad_W_g =
-    grad_out_g^T @ X_g, both batched products."""
-    _check_layer(x, weight, indices, None, triton_path=False, group=group)
-    _check_grad_out(grad_out, x, weight, (*TRITON_DTYPES, torch.float64))
-    with torch.autocast(x.device.type, enabled=False):
-        B, D = x.shape
-        L, K = weight.shape
-        acc = _accumulation_dtype(x.dtype, weight.dtype, grad_out.dtype)
-        g, xt = grad_out.to(acc), x.to(acc).t()  # (B, L), (D, B)
-        grad_x = torch.zeros((D, B), dtype=acc, device=x.device) if need_x else None
-        grad_w = torch.empty((L, K), dtype=weight.dtype, device=weight.device) if need_w else None
-        n, step = indices.shape[0], _group_chunk(B, K, group)
-        for lo in range(0, n if (need_x or need_w) else 0, step):
-            hi = min(n, lo + step)
-            ids = indices[lo:hi].long()  # (groups, K)
-            g_t = _padded_rows(g.t(), lo, hi, group).view(hi - lo, group, B)  # (groups, G, B)
-            if need_x:
-                w = _padded_rows(weight, lo, hi, group).to(acc).view(hi - lo, group, K)
-                p = torch.bmm(w.transpose(1, 2), g_t)  # (groups, K, B)
-                grad_x.index_add_(0, ids.reshape(-1), p.reshape(-1, B))
-            if need_w:
-                part = torch.bmm(g_t, xt[ids].transpose(1, 2))  # (groups, G, K)
-                stop = min(L, hi * group)
-                grad_w[lo * group : stop] = part.reshape(-1, K)[: stop - lo * group].to(weight.dtype)
-        grad_b = g.sum(dim=0).to(weight.dtype) if need_b else None
-        return (grad_x.t().to(x.dtype) if need_x else None), grad_w, grad_b
 
 
 # ----------------------------------------------------------------------------------------------------------

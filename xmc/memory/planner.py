@@ -212,7 +212,7 @@ def _cpu_reference_bytes(name: str, plan: Plan, options: dict) -> int:
     copy."""
     labels, width = plan.labels_per_rank, plan.width
     if name == "fixed_fanin":
-        from xmc.kernels.fixed_fanin import REFERENCE_CHUNK_ELEMENTS
+        from xmc.kernels.fixed_fanin_reference import REFERENCE_CHUNK_ELEMENTS
 
         k = options["fan_in"]
         group = options.get("group", 1)
@@ -224,7 +224,7 @@ def _cpu_reference_bytes(name: str, plan: Plan, options: dict) -> int:
         return min(labels * k, REFERENCE_CHUNK_ELEMENTS) * 12 + 2 * min(labels, block) * width * 4
     if name == "rps":
         from xmc.classifiers.rps import CACHE_MAX_ELEMENTS
-        from xmc.kernels.rps import REFERENCE_CHUNK_ELEMENTS
+        from xmc.kernels.rps_reference import REFERENCE_CHUNK_ELEMENTS
 
         weights = labels * width
         table = 4 * weights if weights <= CACHE_MAX_ELEMENTS else 0

@@ -7,7 +7,8 @@ import math
 import torch
 from torch import nn
 
-from xmc.kernels.fixed_fanin import column_transpose, fixed_fanin
+from xmc.kernels.fanin_common import column_transpose
+from xmc.kernels.fixed_fanin import fixed_fanin
 from xmc.kernels.grouped_fanin import grouped_fanin, num_groups
 from xmc.kernels.hashing import uniform
 from xmc.sparse.ids import INIT_BIAS, INIT_IDS, INIT_WEIGHT, fill_distinct
