@@ -107,50 +107,35 @@ def floors(
     }
 
 
-def fixed_variants(x, g, L, K, device):
-    """(name, weight dtype, forward fn, forward+backward fn) of the fixed fan-in layer's Triton kernels."""
+def fanin_variants(x, g, L, K, device, group: int = 1):
+    """(name, weight dtype, index dtype, forward fn, forward+backward fn) of the fixed fan-in layer's Triton
+    kernels (``group`` 1), or of the grouped layer's (``group`` G > 1)."""
     from xmc.kernels.fanin_common import column_transpose
     from xmc.kernels.fixed_fanin import fixed_fanin_backward_triton, fixed_fanin_forward_triton
-    from xmc.nn.fixed_fanin import FixedFanInLinear
-
-    layer = FixedFanInLinear(x.shape[1], L, K, device=device)  # hashed ids, as training builds them
-    indices = layer.indices
-    col_ptr, slots = column_transpose(indices, x.shape[1])
-    for w_dtype in (torch.bfloat16, torch.float32):
-        w = layer.weight.detach().to(w_dtype)
-        b = layer.bias.detach().to(w_dtype)
-
-        def forward(w=w, b=b):
-            return fixed_fanin_forward_triton(x, w, indices, b)
-
-        def forward_backward(w=w, b=b):
-            fixed_fanin_forward_triton(x, w, indices, b)
-            return fixed_fanin_backward_triton(g, x, w, indices, col_ptr, slots, True, True, True)
-
-        yield f"fixed-{_name(w_dtype)}-w", w_dtype, indices.dtype, forward, forward_backward
-
-
-def grouped_variants(x, g, L, K, group, device):
-    """(name, weight dtype, forward fn, forward+backward fn) of the grouped fan-in layer's Triton kernels."""
-    from xmc.kernels.fanin_common import column_transpose
     from xmc.kernels.grouped_fanin import grouped_fanin_backward_triton, grouped_fanin_forward_triton
     from xmc.nn.fixed_fanin import FixedFanInLinear
 
-    layer = FixedFanInLinear(x.shape[1], L, K, device=device, group=group)
+    layer = FixedFanInLinear(x.shape[1], L, K, device=device, group=group)  # hashed ids, as training builds
     indices = layer.indices
     col_ptr, slots = column_transpose(indices, x.shape[1])
+    if group == 1:
+        fwd, bwd, name = fixed_fanin_forward_triton, fixed_fanin_backward_triton, "fixed"
+        grouping = ()
+    else:
+        fwd, bwd, name = grouped_fanin_forward_triton, grouped_fanin_backward_triton, f"grouped-G{group}"
+        grouping = (group,)
     for w_dtype in (torch.bfloat16, torch.float32):
         w = layer.weight.detach().to(w_dtype)
         b = layer.bias.detach().to(w_dtype)
 
         def forward(w=w, b=b):
-            return grouped_fanin_forward_triton(x, w, indices, group, b)
+            return fwd(x, w, indices, *grouping, b)
 
         def forward_backward(w=w, b=b):
-            grouped_fanin_forward_triton(x, w, indices, group, b)
-            return grouped_fanin_backward_triton(g, x, w, indices, group, col_ptr, slots, True, True, True)
+            fwd(x, w, indices, *grouping, b)
+            return bwd(g, x, w, indices, *grouping, col_ptr, slots, True, True, True)
 
-        yield f"grouped-G{group}-{_name(w_dtype)}-w", w_dtype, indices.dtype, forward, forward_backward
+        yield f"{name}-{_name(w_dtype)}-w", w_dtype, indices.dtype, forward, forward_backward
 
 
 def dense_variants(x, g, L, device):
@@ -347,12 +332,12 @@ def main() -> None:
         if "kernels" not in args.skip:
             # Lazily: each variant's tensors are freed before the next one's are built.
             runs = itertools.chain(
-                ((K, 1, v) for K in args.fan_in for v in fixed_variants(x, g, L, K, device)),
+                ((K, 1, v) for K in args.fan_in for v in fanin_variants(x, g, L, K, device)),
                 (
                     (K, G, v)
                     for K in args.fan_in
                     for G in args.group
-                    for v in grouped_variants(x, g, L, K, G, device)
+                    for v in fanin_variants(x, g, L, K, device, G)
                 ),
                 ((None, 1, v) for v in dense_variants(x, g, L, device)),
             )

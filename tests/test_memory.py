@@ -41,21 +41,13 @@ def plan(**changes) -> Plan:
 
 def test_tiny_transformer_parameters_by_hand_and_against_the_real_model():
     assert TINY.num_parameters() == TINY_PARAMS
-    from transformers import BertConfig, DistilBertConfig, RobertaConfig
+    from transformers import DistilBertConfig, RobertaConfig
 
     from xmc.encoders import TransformerEncoder
 
     configs = {
         "bert": (
-            BertConfig(
-                vocab_size=10,
-                hidden_size=8,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                intermediate_size=16,
-                max_position_embeddings=4,
-                type_vocab_size=2,
-            ),
+            _tiny_bert_config(),
             TINY,
         ),
         "distilbert": (
@@ -205,19 +197,26 @@ def test_plan_from_a_bow_config_reads_the_header(tmp_path):
     assert p.encoder.num_parameters() == 50 * 32 + 32
 
 
-def _tiny_bert_model():
-    """A random BERT of TINY's shape (8 wide, 1 layer), as a Hugging Face model."""
-    from transformers import BertConfig, BertModel
+def _tiny_bert_config():
+    """A BERT config of TINY's shape (8 wide, 1 layer, 2 token types)."""
+    from transformers import BertConfig
 
-    hf = BertConfig(
+    return BertConfig(
         vocab_size=10,
         hidden_size=8,
         num_hidden_layers=1,
         num_attention_heads=2,
         intermediate_size=16,
         max_position_embeddings=4,
+        type_vocab_size=2,
     )
-    return BertModel(hf)
+
+
+def _tiny_bert_model():
+    """A random BERT of TINY's shape, as a Hugging Face model."""
+    from transformers import BertModel
+
+    return BertModel(_tiny_bert_config())
 
 
 def test_encoder_spec_from_a_local_folder_counts_the_safetensors(tmp_path):

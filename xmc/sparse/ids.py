@@ -74,14 +74,10 @@ def fill_distinct(
 
 
 def _fill_by_rejection(
-    ids: torch.Tensor,
-    fill: torch.Tensor,
-    rows: torch.Tensor,
-    num_columns: int,
-    key: tuple[int, ...],
-    avoid: torch.Tensor | None,
+    ids, fill, rows, num_columns: int, key: tuple, avoid
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rejection loop: (R, K) int64 ids and the (R, K) bool slots still pending after _MAX_ROUNDS."""
+    """The rejection loop (arguments as :func:`fill_distinct`'s): (R, K) int64 ids and the (R, K) bool slots
+    still pending after _MAX_ROUNDS."""
     fan_in = ids.shape[1]
     blocked = _with_avoided(ids, avoid)
     slots = torch.arange(fan_in, device=ids.device)
@@ -95,15 +91,9 @@ def _fill_by_rejection(
     return blocked[:, :fan_in].clone(), pending
 
 
-def _fill_by_ranking_avoiding(
-    ids: torch.Tensor,
-    fill: torch.Tensor,
-    rows: torch.Tensor,
-    num_columns: int,
-    key: tuple[int, ...],
-    avoid: torch.Tensor | None,
-) -> torch.Tensor:
-    """Ranking over the row's free columns, with ``avoid`` blocked too (callers keep K + A <= D)."""
+def _fill_by_ranking_avoiding(ids, fill, rows, num_columns: int, key: tuple, avoid) -> torch.Tensor:
+    """Ranking over the row's free columns, with ``avoid`` blocked too (callers keep K + A <= D); arguments
+    as :func:`fill_distinct`'s."""
     fan_in = ids.shape[1]
     blocked = _with_avoided(ids, avoid)
     blocked_fill = torch.zeros_like(blocked, dtype=torch.bool)
