@@ -4,8 +4,8 @@ For each label count L (52,946, CiteULike-t's, and a synthetic 1,000,000) at D =
 random weights once (dense (L, D) float32; condensed (L, K) float32 values + int16 ids) and times top-10
 prediction of precomputed representations at batch 1 and batch 256:
 
-- condensed: :class:`xmc.inference.condensed.SparseRows` (SciPy CSR times the (D, B) batch, label chunk by label
-  chunk, merged into a running top-k), what ``xmc export`` folders predict with;
+- condensed: :class:`xmc.inference.condensed.SparseRows` (SciPy CSR times the (D, B) batch, label chunk
+  by label chunk, merged into a running top-k), what ``xmc export`` folders predict with;
 - dense: ``torch.mm`` over the same label chunks (MKL, all threads) into the same running top-k.
 
 Both run side by side in one process, repeats interleaved (dense, condensed, dense, ...) so machine noise

@@ -3,8 +3,8 @@
 For each budget (fraction of MiniLM's MLP weights kept; sparsity 0.5, groups of 2 blocks, as the
 ``fips-*`` rows of ``bench_fips.py``) the bundled MiniLM-L6 is compressed without fitting (SVD pruned once
 by magnitude: the factors' values do not change their bytes, memory or time) and saved with
-:func:`xmc.compress.fips.save_compressed`. Then each encoder, the original included, is measured in a fresh process:
-loaded with :meth:`xmc.encoders.TransformerEncoder.from_pretrained` (the path ``xmc embed`` and training
+:func:`xmc.compress.fips.save_compressed`. Then each encoder, the original included, is measured in a
+fresh process: loaded with :meth:`xmc.encoders.TransformerEncoder.from_pretrained` (the path ``xmc embed`` and training
 take), resident memory after loading, the peak resident memory of one forward pass (``no_grad``, fp32,
 ``--batch`` documents of ``--length`` tokens; the peak is reset after loading through
 ``/proc/self/clear_refs``, Linux only) and the median time of ``--repeats`` forward passes. FiPS layers

@@ -49,11 +49,11 @@ from gpu_summary import write_markdown
 
 HERE = Path(__file__).resolve().parent
 KERNEL_TESTS = [
-    "tests/test_fixed_fanin_kernels.py",
-    "tests/test_grouped_fanin.py",
-    "tests/test_fused_loss.py",
-    "tests/test_fill_distinct.py",
-    "tests/test_rps.py",
+    "tests/kernels/test_fixed_fanin.py",
+    "tests/kernels/test_grouped_fanin.py",
+    "tests/kernels/test_fixed_fanin_loss.py",
+    "tests/kernels/test_fill_distinct.py",
+    "tests/kernels/test_rps.py",
 ]
 TAIL_CHARS = 4000
 # MiniLM epochs are fitted to the time left with these guesses for an H100-class GPU (an epoch: 1,266 steps

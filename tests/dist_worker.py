@@ -1,4 +1,4 @@
-"""Multi-process training cases for tests/test_distributed.py, and the same cases in one process.
+"""Multi-process training cases for tests/train/test_parallel.py, and the same cases in one process.
 
 Under a launcher (``torchrun --nproc_per_node 2 tests/dist_worker.py DATA OUT CASE...``) every rank runs
 each case through the real loop (:func:`xmc.train.loop.train`) and rank 0 writes ``OUT/<case>.pt``:

@@ -8,7 +8,7 @@ configs (the feature vector itself into fixed fan-in or dense, squared hinge) ar
 from __future__ import annotations
 
 import pytest
-from conftest import shared_file
+from helpers import shared_file
 
 from xmc.config import default_config_path, load_config
 from xmc.train.run import run_training

@@ -84,7 +84,8 @@ class SETOptions:
 @dataclass
 class MetaConfig:
     enabled: bool = False  # auxiliary meta-classifier over label clusters (improves gradient flow)
-    clusters: int = 256  # label clusters; xmc.classifiers.meta.cluster_count(L) (L / 64 as a power of two) is a good start
+    # label clusters; xmc.classifiers.meta.cluster_count(L) (L / 64 as a power of two) is a good start
+    clusters: int = 256
     lam0: float = 0.4  # initial weight of the meta loss: (1 - lam) * main + lam * meta
     cutoff_epoch: int = 5  # lam decays on a cosine to 0 at this epoch, then the meta loss is off
 

@@ -6,8 +6,8 @@
    linear's result, before dropout, residual and LayerNorm): two (N, D) float32 tensors per block. Every
    block sees the original model's activations, so blocks are fitted independently of one another's
    errors.
-2. :func:`compress_mlps` initializes each group's base and factors by SVD (:func:`xmc.compress.fips.svd_factors`),
-   then runs Adam on the base, factors and biases against the group's loss
+2. :func:`compress_mlps` initializes each group's base and factors by SVD
+   (:func:`xmc.compress.fips.svd_factors`), then runs Adam on the base, factors and biases against the group's loss
    ``mean over its blocks of ||mlp(x) - y||^2 / mean(y^2)`` on batches of cached tokens, with gradual
    magnitude pruning (Zhu and Gupta's cubic schedule ``s_t = s (1 - (1 - t / T)^3)``, T = 70% of the
    steps, every factor pruned to exactly its share) and a cosine learning rate. After T the patterns are
@@ -240,8 +240,8 @@ def compress_mlps(
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Compress ``model``'s MLPs in place (their linears become :class:`xmc.compress.fips.FipsLinear`) and return
-    a report: the structure, the fit settings and per-block relative errors on held-out tokens.
+    """Compress ``model``'s MLPs in place (their linears become :class:`xmc.compress.fips.FipsLinear`) and
+    return a report: the structure, the fit settings and per-block relative errors on held-out tokens.
 
     Exactly one of ``budget`` (fraction of the original MLP weights) and ``rank`` (the same rank for every
     group) sets the rank. Without a cache, or with ``steps=0``, the factors are the SVD pruned once by

@@ -106,7 +106,8 @@ class SparseRows:
 
 
 class CondensedPredictor(ModelFolder):
-    """A condensed model (see the module docstring) behind :class:`xmc.inference.predictor.Predictor`'s methods."""
+    """A condensed model (see the module docstring) behind the methods of
+    :class:`xmc.inference.predictor.Predictor`."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
         files = ("config.yaml", "model.json", CONDENSED)

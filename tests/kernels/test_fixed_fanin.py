@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from conftest import assert_close
+from helpers import assert_close
 
 # Triton reads TRITON_INTERPRET when its jit functions are defined, its own library functions included, so it
 # has to be set before the first `import triton` anywhere in the process.

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close
+from helpers import assert_close
 
 import xmc.kernels.fanin_common as fc
 import xmc.kernels.fixed_fanin as ff

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import dist_worker  # tests/ is on sys.path (pytest's prepend import mode)
+import dist_worker  # tests/ is on sys.path (pytest's pythonpath setting)
 import numpy as np
 import pytest
 import torch
@@ -30,8 +30,8 @@ from xmc.train.distributed import Dist
 from xmc.train.parallel import Parallel
 from xmc.train.run import run_training
 
-WORKER = Path(__file__).parent / "dist_worker.py"
-REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parents[1] / "dist_worker.py"
+REPO = Path(__file__).resolve().parents[2]
 # Every (mode, classifier) pair, plus checkpoints written at world size 2 (save_) and resumed at 2 from
 # a single-process checkpoint (resume_).
 CASES = ("data_dense", "data_fixed", "labels_dense", "labels_fixed", "labels_rps")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
-from conftest import FIXTURES
+from helpers import FIXTURES
 
 from xmc.cli import main
 from xmc.data import read_bow, read_lf_json, read_split

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import shared_file
+from helpers import shared_file
 
 from xmc.config import Config, default_config_path, load_config
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from conftest import FIXTURES, shared_file
+from helpers import FIXTURES, shared_file
 
 from xmc.data import BowWriter, FormatError, read_bow, write_bow
 

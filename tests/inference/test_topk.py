@@ -1,4 +1,5 @@
-"""xmc.inference.topk against a full stable sort, including ties, NaN, chunking and padding; plus a memory test."""
+"""xmc.inference.topk against a full stable sort, including ties, NaN, chunking and padding; plus a memory
+test."""
 
 from __future__ import annotations
 
