@@ -1,12 +1,12 @@
 """CPU benchmark: what a FiPS-compressed MiniLM-L6 costs on disk, in memory and in time, against the original.
 
-For each budget (fraction of MiniLM's MLP weights kept; sparsity 0.5, groups of 2 blocks, as the
-``fips-*`` rows of ``bench_fips.py``) the bundled MiniLM-L6 is compressed without fitting (SVD pruned once
-by magnitude: the factors' values do not change their bytes, memory or time) and saved with
-:func:`xmc.compress.fips.save_compressed`. Then each encoder, the original included, is measured in a
-fresh process: loaded with :meth:`xmc.encoders.TransformerEncoder.from_pretrained` (the path ``xmc embed`` and training
-take), resident memory after loading, the peak resident memory of one forward pass (``no_grad``, fp32,
-``--batch`` documents of ``--length`` tokens; the peak is reset after loading through
+For each budget (fraction of MiniLM's MLP weights kept; sparsity 0.5, groups of 2 blocks, as the ``fips-*``
+rows of ``bench_fips.py``) the bundled MiniLM-L6 is compressed without fitting (SVD pruned once by magnitude:
+the factors' values do not change their bytes, memory or time) and saved with
+:func:`xmc.compress.fips.save_compressed`. Then each encoder, the original included, is measured in a fresh
+process: loaded with :meth:`xmc.encoders.TransformerEncoder.from_pretrained` (the path ``xmc embed`` and
+training take), resident memory after loading, the peak resident memory of one forward pass (``no_grad``,
+fp32, ``--batch`` documents of ``--length`` tokens; the peak is reset after loading through
 ``/proc/self/clear_refs``, Linux only) and the median time of ``--repeats`` forward passes. FiPS layers
 rebuild each (r, I) factor densely per forward, or with ``--sparse-products`` multiply by the CSR factor.
 Bytes on disk are the weight files (``model.safetensors``, plus ``fips.safetensors``). One JSON row per

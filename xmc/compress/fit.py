@@ -7,13 +7,13 @@
    block sees the original model's activations, so blocks are fitted independently of one another's
    errors.
 2. :func:`compress_mlps` initializes each group's base and factors by SVD
-   (:func:`xmc.compress.fips.svd_factors`), then runs Adam on the base, factors and biases against the group's loss
-   ``mean over its blocks of ||mlp(x) - y||^2 / mean(y^2)`` on batches of cached tokens, with gradual
-   magnitude pruning (Zhu and Gupta's cubic schedule ``s_t = s (1 - (1 - t / T)^3)``, T = 70% of the
-   steps, every factor pruned to exactly its share) and a cosine learning rate. After T the patterns are
-   fixed and exactly ``round(s r I)`` entries of each factor are zero. 10% of the cached tokens are held
-   out to report each block's relative error ``||mlp(x) - y||^2 / ||y||^2``, beside the error of the SVD
-   pruned once to s without optimization.
+   (:func:`xmc.compress.fips.svd_factors`), then runs Adam on the base, factors and biases against the group's
+   loss ``mean over its blocks of ||mlp(x) - y||^2 / mean(y^2)`` on batches of cached tokens, with gradual
+   magnitude pruning (Zhu and Gupta's cubic schedule ``s_t = s (1 - (1 - t / T)^3)``, T = 70% of the steps,
+   every factor pruned to exactly its share) and a cosine learning rate. After T the patterns are fixed and
+   exactly ``round(s r I)`` entries of each factor are zero. 10% of the cached tokens are held out to report
+   each block's relative error ``||mlp(x) - y||^2 / ||y||^2``, beside the error of the SVD pruned once to s
+   without optimization.
 """
 
 from __future__ import annotations

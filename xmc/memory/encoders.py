@@ -1,6 +1,6 @@
 """Encoder shapes for the memory planner (:mod:`xmc.memory.planner`): presets of the Hugging Face base
-models the anchors use, bag-of-words and precomputed-feature encoders, and local model folders sized from their
-``config.json`` (and, when present, the exact parameter count in ``model.safetensors``' header)."""
+models the anchors use, bag-of-words and precomputed-feature encoders, and local model folders sized from
+their ``config.json`` (and, when present, the exact parameter count in ``model.safetensors``' header)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The rewiring schedules of a model's fixed fan-in layers, and what gradient regrowth needs of a batch.
 
 The classifier (when fixed fan-in) and a fixed fan-in intermediate layer each get a
-:class:`~xmc.sparse.dst.SET` schedule from ``classifier.set``; only the intermediate layer may ablate neurons (``set.gamma``).
+:class:`~xmc.sparse.dst.SET` schedule from ``classifier.set``; only the intermediate layer may ablate neurons
+(``set.gamma``).
 
 Gradient regrowth (``set.regrow=gradient``) ranks absent connections by the dense gradient of one batch.
 On the micro-batch that ends a window whose optimizer step rewires, :meth:`Rewiring.capture` keeps:
