@@ -25,14 +25,16 @@ def resolve_device(name: str = "auto", option: str = "train.device") -> torch.de
     return torch.device(name)
 
 
-def resolve_precision(name: str, device: torch.device, bf16: bool | None = None) -> str:
+def resolve_precision(name: str, device: torch.device, bf16: bool | None = None, strict: bool = False) -> str:
     """``train.precision`` on ``device``: ``auto`` is bf16 on a GPU that has it, else fp32 (``no``).
     ``bf16``: whether the GPU has bf16 (default: ask CUDA), so a CPU can resolve a GPU's choice. An
-    explicit choice is returned as it is."""
+    explicit choice is returned as it is; ``strict`` (training) refuses an explicit bf16 on a GPU
+    without it."""
+    has_bf16 = device.type == "cuda" and (torch.cuda.is_bf16_supported() if bf16 is None else bf16)
     if name == "auto":
-        if device.type != "cuda":
-            return "no"
-        return "bf16" if (torch.cuda.is_bf16_supported() if bf16 is None else bf16) else "no"
+        return "bf16" if has_bf16 else "no"
+    if strict and name == "bf16" and device.type == "cuda" and not has_bf16:
+        raise ValueError("train.precision=bf16 but this GPU has no bf16: use fp16 or no")
     return name
 
 

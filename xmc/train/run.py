@@ -162,9 +162,7 @@ def _run(
 
     place = par.place
 
-    precision = resolve_precision(config.train.precision, device)
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("train.precision=bf16 but this GPU has no bf16: use fp16 or no")
+    precision = resolve_precision(config.train.precision, device, strict=True)
 
     started = time.perf_counter()
     data = load_data(config.data, config.seed)
