@@ -4,7 +4,7 @@ For every (L, K): the Triton forward and forward + backward of the fixed fan-in 
 with fp32 weights (the layer as trained: fp32 master weights, bf16 activations); beside them, in the same
 process, the two dense baselines over the full (L, D) weight:
 
-- ``dense-fp32-master``: DESIGN.md's step recipe, fp32 weights under bf16 autocast (autocast casts the
+- ``dense-fp32-master``: the usual mixed-precision step, fp32 weights under bf16 autocast (autocast casts the
   weight to bf16 on every call; the weight gradient lands in fp32);
 - ``dense-bf16``: a pure-bf16 ``F.linear`` (bf16 weights and gradients).
 

@@ -47,8 +47,9 @@ s_s: bytes per CSC slot id, 4 or 8; Bb = ceil(B / 128) batch blocks):
                  grad_out       B * L * s_g                (once while B <= 128; else once per slot)
                  grad_w, grad_b L * K * s_w  +  L * s_w    (written)
 
-The gathers (B * L * K elements) dominate every kernel; the floor is reading weights and ids once. Closing
-that gap (x on chip, shared index sets per label group, fused losses) is future work; see DESIGN.md.
+The gathers (B * L * K elements) dominate every kernel; the floor is reading weights and ids once. The
+grouped layer (:mod:`xmc.kernels.grouped_fanin`: one id row per group of labels) and the fused loss
+(:mod:`xmc.kernels.fixed_fanin_loss`) close part of that gap; keeping x on chip is future work.
 
 Offsets: any of L * K, B * L may exceed 2**31, so program ids and row offsets are cast to int64 before they
 meet a stride. Column ids stay 32-bit (they only index the small x).
