@@ -135,6 +135,9 @@ class XMCModel(nn.Module):
 
 
 def build_model(config: Config, encoder, num_labels: int, clusters: np.ndarray | None = None) -> XMCModel:
+    """The model ``config`` describes over ``encoder`` and ``num_labels`` labels, freshly initialized (seeded
+    by ``config.seed``); ``clusters`` (each label's cluster id) adds the meta head. Training, prediction and
+    the memory planner's measurement all build their model here."""
     width = encoder.out_features
     intermediate = None
     if config.classifier.intermediate:
