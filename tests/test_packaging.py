@@ -1,4 +1,4 @@
-"""Packaging: every subpackage is found by the install, and the hash is deterministic."""
+"""Packaging: every subpackage is installed, `kernels/` as `xmc.kernels`; the hash is deterministic."""
 
 from __future__ import annotations
 
@@ -10,21 +10,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_every_subpackage_is_installed():
-    """Each folder of ``xmc/`` with Python files is a package that setuptools' discovery (the
-    ``[tool.setuptools.packages.find]`` of pyproject.toml) installs."""
-    from setuptools import find_packages
-
+def test_every_subpackage_is_listed_in_pyproject():
+    """Every folder of ``xmc/`` with Python files is a listed package, and ``kernels/`` (the top-level folder
+    the project's layout keeps the kernels in) is installed as ``xmc.kernels``, never as ``kernels``."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    installed = set(find_packages(str(ROOT), include=find["include"]))
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
     folders = {
         ".".join(p.parent.relative_to(ROOT).parts)
         for p in (ROOT / "xmc").rglob("*.py")
         if "__pycache__" not in p.parts
     }
-    assert folders <= installed, f"folders without __init__.py: {sorted(folders - installed)}"
-    assert "xmc.kernels" in installed and not any(name.startswith("kernels") for name in installed)
+    assert folders | {"xmc.kernels"} <= listed, (
+        f"add {sorted(folders - listed)} to [tool.setuptools] packages"
+    )
+    assert config["package-dir"]["xmc.kernels"] == "kernels"
+    assert not any(name == "kernels" or name.startswith("kernels.") for name in listed)
 
 
 def test_hashing_is_deterministic_and_in_range():

@@ -9,7 +9,6 @@ p = W_g^T @ grad_out_g^T scattered into grad_x's columns and grad_W_g = grad_out
 from __future__ import annotations
 
 import torch
-
 from xmc.kernels._common import TRITON_DTYPES, accumulation_dtype
 from xmc.kernels.fanin_common import check_grad_out, check_layer
 from xmc.kernels.fixed_fanin_reference import REFERENCE_CHUNK_ELEMENTS

@@ -18,7 +18,6 @@ folds each key as its low then its high 32-bit half).
 from __future__ import annotations
 
 import torch
-
 from xmc.kernels._common import jit as _jit
 from xmc.kernels._common import tl
 

@@ -20,7 +20,6 @@ gradient with one kernel. Held here:
 from __future__ import annotations
 
 import torch
-
 from xmc.kernels._common import TRITON_DTYPES, block, new_output, tl, triton
 from xmc.kernels._common import jit as _jit
 

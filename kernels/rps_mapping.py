@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-
 from xmc.kernels._common import jit as _jit
 from xmc.kernels._common import new_output, require_triton, tl, triton
 from xmc.kernels.hashing import fold32, hash_keys, mix32

@@ -10,7 +10,6 @@ array gradient is an ``index_add_`` of G = g^T x into the doubled buffer. The sl
 from __future__ import annotations
 
 import torch
-
 from xmc.kernels._common import TRITON_DTYPES, accumulation_dtype
 from xmc.kernels.rps_mapping import RPSMapping, RPSTableCache, check_inputs, rps_table
 

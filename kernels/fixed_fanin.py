@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
-
 from xmc.kernels._common import TRITON_DTYPES, block, new_output, require_triton, tl, triton, use_triton
 from xmc.kernels._common import jit as _jit
 from xmc.kernels.fanin_common import check_grad_out, check_layer, column_transpose, input_gradient_in_ranges

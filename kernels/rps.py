@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
-
 from xmc.kernels._common import TRITON_DTYPES, block, new_output, require_triton, tl, triton, use_triton
 from xmc.kernels._common import jit as _jit
 from xmc.kernels.rps_mapping import SEED_ARGS, RPSMapping, RPSTableCache, check_inputs, map_args, rps_map_tl

@@ -11,7 +11,6 @@ from __future__ import annotations
 import warnings
 
 import torch
-
 from xmc.kernels._common import TRITON_DTYPES, accumulation_dtype
 from xmc.kernels.fanin_common import check_grad_out, check_layer, column_transpose
 

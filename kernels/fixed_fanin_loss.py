@@ -31,7 +31,6 @@ the layer and :func:`xmc.kernels.losses.chunk_loss_and_grad`; it is the CPU path
 from __future__ import annotations
 
 import torch
-
 from xmc.kernels._common import TRITON_DTYPES, block, new_output, require_triton, tl, triton
 from xmc.kernels._common import jit as _jit
 from xmc.kernels.fanin_common import (

@@ -45,7 +45,6 @@ import os
 
 import torch
 from torch.autograd.function import once_differentiable
-
 from xmc.kernels._common import TRITON_DTYPES, block, new_output, require_triton, tl, triton, use_triton
 from xmc.kernels._common import jit as _jit
 from xmc.kernels.fanin_common import (

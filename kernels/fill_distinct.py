@@ -20,7 +20,6 @@ attempt.
 from __future__ import annotations
 
 import torch
-
 from xmc.kernels._common import jit as _jit
 from xmc.kernels._common import require_triton, tl, triton
 from xmc.kernels.hashing import fold32, hash_keys
