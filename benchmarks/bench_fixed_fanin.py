@@ -113,6 +113,7 @@ def fanin_variants(x, g, L, K, device, group: int = 1):
     from xmc.kernels.fanin_common import column_transpose
     from xmc.kernels.fixed_fanin import fixed_fanin_backward_triton, fixed_fanin_forward_triton
     from xmc.kernels.grouped_fanin import grouped_fanin_backward_triton, grouped_fanin_forward_triton
+
     from xmc.nn.fixed_fanin import FixedFanInLinear
 
     layer = FixedFanInLinear(x.shape[1], L, K, device=device, group=group)  # hashed ids, as training builds

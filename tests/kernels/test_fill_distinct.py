@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from xmc.kernels.fill_distinct import fill_distinct_triton  # noqa: E402  (after TRITON_INTERPRET)
+
 from xmc.nn.fixed_fanin import FixedFanInLinear  # noqa: E402
 from xmc.sparse import ids as ids_module  # noqa: E402
 

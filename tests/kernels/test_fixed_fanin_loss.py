@@ -12,11 +12,11 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import assert_close
-
 import xmc.kernels.fanin_common as fc
 import xmc.kernels.fixed_fanin as ff
 import xmc.kernels.fixed_fanin_loss as fl
+from helpers import assert_close
+
 from xmc.classifiers import DenseClassifier, FixedFanInClassifier, RPSClassifier
 from xmc.losses import Positives, dense_loss
 

@@ -12,12 +12,12 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close
-
 import xmc.kernels.fanin_common as fc
 import xmc.kernels.fixed_fanin as ff
 import xmc.kernels.grouped_fanin as gf
 import xmc.kernels.grouped_fanin_reference as gfr
+from helpers import assert_close
+
 from xmc.classifiers import FixedFanInClassifier
 from xmc.config import SETOptions
 from xmc.losses import Positives

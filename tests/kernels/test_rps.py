@@ -18,12 +18,13 @@ TRITON_IMPORTED_COMPILED = "triton" in sys.modules and os.environ.get("TRITON_IN
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import xmc.classifiers.chunked as chunked  # noqa: E402
 import xmc.kernels.rps as rps  # noqa: E402  (after TRITON_INTERPRET)
 import xmc.kernels.rps_mapping as rm  # noqa: E402
 import xmc.kernels.rps_reference as rr  # noqa: E402
-from xmc.classifiers.rps import RPSClassifier  # noqa: E402
 from xmc.kernels.hashing import hash_keys  # noqa: E402
+
+import xmc.classifiers.chunked as chunked  # noqa: E402
+from xmc.classifiers.rps import RPSClassifier  # noqa: E402
 from xmc.losses import Positives, dense_loss  # noqa: E402
 from xmc.memory.bytes import logits_bytes  # noqa: E402
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from xmc.kernels.hashing import uniform
 
 from xmc.config import SETOptions
-from xmc.kernels.hashing import uniform
 from xmc.nn import FixedFanInLinear
 from xmc.sparse.dst import SET
 
