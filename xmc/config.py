@@ -111,6 +111,12 @@ class ClassifierConfig:
     intermediate: int = 0  # width of a layer between encoder and classifier (0 = none; SPARTEX: 4096)
     intermediate_fan_in: int = 0  # > 0: the intermediate layer is fixed fan-in too, rewired like the
     # classifier (with SRigL neuron ablation when set.gamma > 0); 0 = a dense intermediate layer
+    # N > 0 (fixed_fanin only): the N most frequent training labels get a dense head, the rest the fixed
+    # fan-in tail (HASTE): the head's dense gradient teaches the encoder, the tail keeps memory ~ (L - N) K
+    dense_head: int = 0
+    # id, or semantic: the fixed fan-in labels placed so that each group of fan_in_group holds labels that
+    # share documents (balanced clustering), not labels with consecutive ids; ids outside stay label ids
+    label_order: str = "id"
     bias: bool = True
     bias_init: str = "uniform"  # uniform (nn.Linear's +-1/sqrt(fan-in)) or prior: each label's training
     # log-odds, so BCE starts at the label frequencies instead of first pushing every logit down
@@ -174,6 +180,7 @@ CHOICES = {
     "encoder.weighting": ("tfidf", "log1p"),
     "classifier.type": ("dense", "fixed_fanin", "rps"),
     "classifier.ids": ("random", "centroid"),
+    "classifier.label_order": ("id", "semantic"),
     "classifier.bias_init": ("uniform", "prior"),
     "classifier.set.prune": ("fraction", "threshold"),
     "classifier.set.regrow": ("random", "gradient"),
@@ -200,6 +207,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "encoder.ngrams": (1, 3),
     "classifier.fan_in": (1, None),
     "classifier.fan_in_group": (1, None),
+    "classifier.dense_head": (0, None),
     "classifier.intermediate": (0, None),
     "classifier.intermediate_fan_in": (0, None),
     "classifier.set.interval": (1, None),

@@ -67,6 +67,21 @@ class Positives:
         counts = self.indptr[1:] - self.indptr[:-1]
         return torch.repeat_interleave(torch.arange(self.batch_size, device=self.indptr.device), counts)
 
+    def remap(self, position: torch.Tensor) -> Positives:
+        """The same positives with label ``i`` renamed ``position[i]`` (``position`` a permutation of
+        ``0..L-1``): a classifier that stores its labels in another order sees its own positions."""
+        return Positives(self.indptr, position.to(self.indices.device)[self.indices], self.num_labels)
+
+    def select(self, start: int, stop: int) -> Positives:
+        """The positives among labels ``start..stop-1``, counted from ``start``, as positives over
+        ``stop - start`` labels (each document keeps its row, possibly empty)."""
+        inside = (self.indices >= start) & (self.indices < stop)
+        counts = torch.zeros(self.batch_size, dtype=torch.int64, device=self.indptr.device)
+        counts.index_add_(0, self.rows()[inside], torch.ones_like(self.indices[inside]))
+        indptr = torch.zeros_like(self.indptr)
+        torch.cumsum(counts, 0, out=indptr[1:])
+        return Positives(indptr, self.indices[inside] - start, stop - start)
+
     def block(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, columns) of the distinct positives among labels ``start..stop-1``, columns counted
         from ``start`` (a label listed twice for a document counts once, as in :meth:`dense`)."""

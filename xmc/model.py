@@ -34,6 +34,12 @@ def build_classifier(config: ClassifierConfig, in_features: int, num_labels: int
             f"classifier.fan_in_group={config.fan_in_group} groups the ids of a fixed fan-in classifier, but "
             f"classifier.type={config.type}: set classifier.type=fixed_fanin or classifier.fan_in_group=1"
         )
+    if (config.dense_head or config.label_order != "id") and config.type != "fixed_fanin":
+        raise ValueError(
+            "classifier.dense_head and classifier.label_order=semantic shape a fixed fan-in classifier, "
+            f"but classifier.type={config.type}: set classifier.type=fixed_fanin, or dense_head=0 and "
+            "label_order=id"
+        )
     if config.type == "dense":
         return DenseClassifier(in_features, num_labels, bias=config.bias)
     if config.type == "fixed_fanin":
@@ -41,6 +47,23 @@ def build_classifier(config: ClassifierConfig, in_features: int, num_labels: int
             raise ValueError(
                 f"classifier.fan_in={config.fan_in} exceeds the classifier's input width {in_features}; "
                 "lower it or widen the encoder / intermediate layer"
+            )
+        if config.dense_head or config.label_order != "id":
+            if config.dense_head > num_labels:
+                raise ValueError(
+                    f"classifier.dense_head={config.dense_head} exceeds the {num_labels} labels: give at "
+                    f"most {num_labels} (all labels dense) or use classifier.type=dense"
+                )
+            from xmc.classifiers.head_tail import HeadTailClassifier
+
+            return HeadTailClassifier(
+                in_features,
+                num_labels,
+                config.dense_head,
+                config.fan_in,
+                bias=config.bias,
+                seed=seed,
+                group=config.fan_in_group,
             )
         return FixedFanInClassifier(
             in_features, num_labels, config.fan_in, bias=config.bias, seed=seed, group=config.fan_in_group
@@ -124,6 +147,28 @@ class XMCModel(nn.Module):
         counts["classifier"] = sum(p.numel() for p in self.classifier.parameters())
         counts["meta"] = sum(p.numel() for p in self.meta.parameters()) if self.meta else 0
         return counts
+
+    def training_state_bytes(self, optimizer: str = "adamw") -> int:
+        """Bytes the classifier side holds through training: the classifier's weights, ids (and their
+        column view), gradients and optimizer state (its ``memory()`` without the loss's transient
+        buffers), plus the intermediate layer's and the meta head's parameters, gradients, optimizer state
+        and buffers. ``optimizer``: the classifier side's (adamw or sgd); bf16 classifier state counts
+        its bf16 weights and moments."""
+        from xmc.memory.bytes import optimizer_state_bytes
+
+        bf16 = self.classifier.label_parameters()[0].dtype == torch.bfloat16
+        if bf16 and optimizer == "adamw":
+            optimizer = "adamw-bf16"
+        parts = self.classifier.memory(optimizer=optimizer)
+        transient = ("logits", "chunk_gradient", "group_products", "workspace")
+        total = sum(v for k, v in parts.items() if not k.endswith(transient))
+        for part in (self.intermediate, self.meta):
+            if part is None:
+                continue
+            for p in part.parameters():
+                total += 2 * p.numel() * p.element_size() + optimizer_state_bytes(p.numel(), optimizer)
+            total += sum(b.numel() * b.element_size() for b in part.buffers())
+        return total
 
     def classifier_bytes(self) -> int:
         """Bytes of everything on the classifier side (weights, ids, bias, intermediate, meta head)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from xmc.cli import main
 from xmc.inference.condensed import SparseRows
@@ -22,6 +23,9 @@ classifier:
   fan_in: 6
   intermediate: {intermediate}
   intermediate_fan_in: {intermediate_fan_in}
+  dense_head: {dense_head}
+  label_order: {label_order}
+  fan_in_group: {fan_in_group}
   set: {{interval: 3, fraction: 0.3, regrow: gradient, gamma: {gamma}}}
 train: {{epochs: 2, batch_size: 32, encoder_lr: 0.01, classifier_lr: 0.03, warmup: 0.0}}
 """
@@ -44,6 +48,7 @@ def _train(tmp_path: Path, data: Path, name: str, **fields) -> Path:
     from xmc.train.run import run_training
 
     values = {"classifier": "fixed_fanin", "intermediate": 0, "intermediate_fan_in": 0, "gamma": 0.0}
+    values.update(dense_head=0, label_order="id", fan_in_group=1)
     values.update(fields)
     (tmp_path / f"{name}.yaml").write_text(CONFIG.format(data=data, **values))
     run_training(load_config(tmp_path / f"{name}.yaml"), str(tmp_path / name), progress=False)
@@ -58,8 +63,10 @@ def _train(tmp_path: Path, data: Path, name: str, **fields) -> Path:
         # SRigL-ablated intermediate layer. gamma 0.8 removes half the 16 neurons on CPU (fp32 and bf16); 0.6
         # removed one on CPU and none on an H100, so the test depended on rounding.
         {"intermediate": 16, "intermediate_fan_in": 8, "gamma": 0.8},
+        # a dense head over the 12 most frequent labels, the tail in groups of 4 related labels
+        {"dense_head": 12, "label_order": "semantic", "fan_in_group": 3},
     ],
-    ids=["classifier", "dense-intermediate", "ablated-intermediate"],
+    ids=["classifier", "dense-intermediate", "ablated-intermediate", "head-tail"],
 )
 def test_condensed_model_predicts_the_trained_top_k(tmp_path, data, layout):
     import xmc
@@ -70,6 +77,12 @@ def test_condensed_model_predicts_the_trained_top_k(tmp_path, data, layout):
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "small")]) == 0
     trained, condensed = xmc.load(run, device="cpu"), xmc.load(tmp_path / "small")
     assert type(condensed).__name__ == "CondensedPredictor"
+    if layout.get("dense_head"):  # the model stores labels in its own order; everything outside speaks ids
+        order = trained.model.classifier.order
+        assert not torch.equal(order, torch.arange(len(order)))
+        predictions = np.load(run / "predictions.npz")
+        X_ids = trained.topk(trained.inputs(SplitSource(X=read_bow(data / "test.txt")[0])), 100)[1]
+        assert np.array_equal(predictions["indices"], X_ids)
     if layout.get("gamma"):
         assert condensed.intermediate.rows < 16, "the ablated neurons are not exported"
     X = read_bow(data / "test.txt")[0]

@@ -65,6 +65,11 @@ def register(sub) -> None:
     parser.add_argument(
         "--fan-in-group", type=int, help="grouped fan-in: G labels share one id row (default 1: no groups)"
     )
+    parser.add_argument(
+        "--dense-head",
+        type=int,
+        help="the fixed fan-in row with a dense head over the N most frequent labels (default 0: none)",
+    )
     parser.add_argument("--batch", type=int, help="documents per micro-batch and GPU (default 64)")
     parser.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     parser.add_argument("--seq-len", type=int, help="tokens per document (default 128)")
@@ -146,6 +151,7 @@ def _plans(args) -> list:
                 "labels": args.labels,
                 "fan_in": args.fan_in,
                 "fan_in_group": args.fan_in_group,
+                "dense_head": args.dense_head,
                 "batch": args.batch,
                 "grad_accum": args.grad_accum,
                 "seq_len": args.seq_len,

@@ -124,6 +124,8 @@ class CondensedPredictor(ModelFolder):
             self.intermediate = _layer(tensors, "intermediate", width, self.config.classifier.intermediate)
             width = self.config.classifier.intermediate
         self.classifier = _layer(tensors, "classifier", width, self.card["num_labels"])
+        if "classifier.order" in tensors:  # a dense head and a fixed fan-in tail in their own label order
+            self.classifier = HeadTailRows(tensors, self.classifier)
 
     @torch.inference_mode()
     def represent(self, batch: dict[str, torch.Tensor]) -> np.ndarray:
@@ -139,6 +141,46 @@ class CondensedPredictor(ModelFolder):
             rows = np.arange(start, min(start + batch_size, len(inputs)))
             scores[rows], ids[rows] = self.classifier.topk(self.represent(inputs.batch(rows)), k)
         return scores, ids
+
+
+class HeadTailRows:
+    """A condensed :class:`~xmc.classifiers.head_tail.HeadTailClassifier`: the dense head's scores, the
+    tail's :class:`SparseRows`, each part's top-k mapped to label ids through ``classifier.order`` and the
+    two merged (ties to the lower label id, as in training)."""
+
+    def __init__(self, tensors: dict, tail: SparseRows) -> None:
+        self.order = tensors["classifier.order"].numpy().astype(np.int64)
+        weight = tensors.get("classifier.head_weight")
+        self.head_weight = None if weight is None else weight.numpy()
+        bias = tensors.get("classifier.head_bias")
+        self.head_bias = None if bias is None else bias.numpy()
+        self.head_size = 0 if weight is None else weight.shape[0]
+        self.tail = tail
+
+    def topk(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        from xmc.inference.topk import topk_merge_lists_torch
+
+        scores, ids = [], []
+        if self.head_size:
+            best = TopKAccumulator(x.shape[0], min(k, self.head_size))
+            head = x @ self.head_weight.T + (0 if self.head_bias is None else self.head_bias)
+            best.update(head, slice(0, x.shape[0]), 0)
+            s, i = best.result()
+            scores.append(s)
+            ids.append(np.where(i >= 0, self.order[np.maximum(i, 0)], -1))
+        s, i = self.tail.topk(x, min(k, self.tail.rows))
+        scores.append(s)
+        ids.append(np.where(i >= 0, self.order[np.maximum(i, 0) + self.head_size], -1))
+        merged = topk_merge_lists_torch(
+            torch.from_numpy(np.concatenate(scores, 1)), torch.from_numpy(np.concatenate(ids, 1)), k
+        )
+        return merged[0].numpy(), merged[1].numpy().astype(np.int32)
+
+    @property
+    def nbytes(self) -> int:
+        head = 0 if self.head_weight is None else self.head_weight.nbytes
+        head += 0 if self.head_bias is None else self.head_bias.nbytes
+        return head + self.tail.nbytes + self.order.nbytes
 
 
 def _layer(tensors: dict, name: str, in_features: int, out_features: int):

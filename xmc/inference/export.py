@@ -17,6 +17,7 @@ def export_condensed(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
     """Write the condensed form of the best model of ``run_dir`` into ``out_dir`` (a new folder);
     returns the byte counts recorded in its ``model.json``. Needs a fixed fan-in classifier."""
     from xmc.classifiers import FixedFanInClassifier
+    from xmc.classifiers.head_tail import HeadTailClassifier
     from xmc.inference.predictor import Predictor
     from xmc.nn import AblatableFixedFanInLinear, FixedFanInLinear
 
@@ -24,7 +25,13 @@ def export_condensed(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty: choose another --out or remove it")
     model = Predictor(run, device="cpu").model
-    if not isinstance(model.classifier, FixedFanInClassifier):
+    classifier = model.classifier
+    if isinstance(classifier, HeadTailClassifier) and classifier.tail is None:
+        raise ValueError(
+            f"{run}: every label is in the dense head (classifier.dense_head = all labels); only fixed "
+            "fan-in layers condense"
+        )
+    if not isinstance(classifier, (FixedFanInClassifier, HeadTailClassifier)):
         raise ValueError(
             f"{run}: the classifier is {type(model.classifier).__name__}, not fixed fan-in; only fixed "
             "fan-in layers condense (train with classifier.type=fixed_fanin)"
@@ -32,7 +39,16 @@ def export_condensed(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
     state = model.encoder.state_dict()
     tensors = {f"encoder.{k}": v.detach().contiguous() for k, v in state.items() if torch.is_tensor(v)}
     extra = {k: v for k, v in state.items() if not torch.is_tensor(v)}
-    layers = {"classifier": model.classifier.layer}
+    layers = {"classifier": classifier.layer}
+    if isinstance(
+        classifier, HeadTailClassifier
+    ):  # the tail condenses; the head and the order go as they are
+        head = {"order": classifier.order.to(torch.int32 if classifier.num_labels < 2**31 else torch.int64)}
+        if classifier.head is not None:
+            head["head_weight"] = classifier.head.weight.detach().float()
+            if classifier.head.bias is not None:
+                head["head_bias"] = classifier.head.bias.detach().float()
+        tensors.update({f"classifier.{k}": v.contiguous() for k, v in head.items()})
     if model.intermediate is not None:
         layers["intermediate"] = model.intermediate
     sizes = {"encoder": sum(v.numel() * v.element_size() for v in tensors.values())}
@@ -46,6 +62,8 @@ def export_condensed(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
             part = {"weight": layer.weight.detach().float()}
         if layer.bias is not None:
             part["bias"] = layer.bias.detach().float()
+        if name == "classifier" and isinstance(classifier, HeadTailClassifier):
+            part.update({k: tensors[f"classifier.{k}"] for k in head})
         sizes[name] = sum(v.numel() * v.element_size() for v in part.values())
         tensors.update({f"{name}.{k}": v.contiguous() for k, v in part.items()})
     tmp = out.with_name(out.name + ".tmp")

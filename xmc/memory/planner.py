@@ -59,6 +59,9 @@ class Plan:
     encoder: EncoderSpec = field(default_factory=lambda: ENCODERS["bert-base"])
     fan_in: int = 128
     fan_in_group: int = 1  # G > 1: grouped fan-in, one id row per G labels
+    dense_head: int = (
+        0  # N > 0: the fixed fan-in row holds a dense head over N labels and the tail over L - N
+    )
     batch: int = 64
     seq_len: int = 128
     precision: str = "bf16"  # fp32, bf16 or fp16 (autocast over fp32 parameters)
@@ -103,6 +106,12 @@ class Plan:
             raise ValueError(f"--parallel must be labels or data, got {self.parallel!r}")
         if self.fan_in_group < 1:
             raise ValueError(f"--fan-in-group must be at least 1, got {self.fan_in_group}")
+        if not 0 <= self.dense_head <= self.labels:
+            raise ValueError(
+                f"--dense-head must lie in 0..{self.labels} (the label count), got {self.dense_head}"
+            )
+        if self.dense_head and self.parallel == "labels" and self.world_size > 1:
+            raise ValueError("a dense head (--dense-head) is not label-sharded yet: use --parallel data")
         if not 1 <= self.fan_in <= self.width:
             raise ValueError(
                 f"--fan-in {self.fan_in} must lie in 1..{self.width} (the classifier's input width)"
@@ -181,12 +190,19 @@ def estimate(plan: Plan, names: tuple[str, ...] | None = None) -> dict[str, dict
             options["fan_in"] = plan.fan_in
             if plan.fan_in_group > 1:
                 options["group"] = plan.fan_in_group
+            if plan.dense_head:
+                options["head"] = plan.dense_head
         elif name == "rps":  # every rank holds the whole array: its size follows the total L
             options["size"] = math.ceil(plan.labels * plan.width / plan.rps_compression)
         optimizer = plan.optimizer
         if plan.classifier_state == "bf16" and name != "rps":  # bf16 weights, gradients and moments
             options["param_bytes"], optimizer = 2, "adamw-bf16"
-        parts = available[name].state_bytes(
+        backend = available[name]
+        if options.get("head"):
+            from xmc.classifiers.head_tail import HeadTailClassifier
+
+            backend = HeadTailClassifier
+        parts = backend.state_bytes(
             plan.width,
             plan.labels_per_rank,
             batch_size=rows,
@@ -288,6 +304,7 @@ def format_report(data: dict) -> str:
         )
         + f", D = {plan['width']}, K = {plan['fan_in']}"
         + (f", groups of {plan['fan_in_group']}" if plan.get("fan_in_group", 1) > 1 else "")
+        + (f", dense head of {plan['dense_head']:,}" if plan.get("dense_head", 0) else "")
         + f", batch {plan['batch']}"
         + (f" x {plan['grad_accum']} accumulated" if plan["grad_accum"] > 1 else "")
         + f", {plan['precision']}, {plan['optimizer']}",
@@ -383,6 +400,7 @@ def plan_from_config(config, labels: int | None = None, features: int | None = N
         encoder=spec,
         fan_in=config.classifier.fan_in,
         fan_in_group=config.classifier.fan_in_group,
+        dense_head=config.classifier.dense_head if config.classifier.type == "fixed_fanin" else 0,
         batch=config.train.batch_size,
         seq_len=enc.max_length,
         precision=precision,

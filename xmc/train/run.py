@@ -76,13 +76,34 @@ def _train_inputs(config: Config, data, inputs):
 def _prior_bias(model: XMCModel, Y) -> None:
     """``classifier.bias_init=prior``: bias = log-odds of each label's training frequency, with half a
     document added to every count (labels never seen start at log(0.5 / N), not at minus infinity)."""
-    bias = model.classifier.label_bias()
-    if bias is None:
-        raise ValueError("classifier.bias_init=prior needs classifier.bias=true")
     from xmc.metrics import label_frequencies
 
     p = (label_frequencies(Y) + 0.5) / (Y.shape[0] + 1.0)
-    bias.copy_(torch.from_numpy(np.log(p) - np.log1p(-p)).to(bias.dtype))
+    values = torch.from_numpy(np.log(p) - np.log1p(-p))
+    classifier = model.classifier
+    if hasattr(classifier, "set_label_bias"):  # a head and a tail in their own order
+        if not classifier.set_label_bias(values):
+            raise ValueError("classifier.bias_init=prior needs classifier.bias=true")
+        return
+    bias = classifier.label_bias()
+    if bias is None:
+        raise ValueError("classifier.bias_init=prior needs classifier.bias=true")
+    bias.copy_(values.to(bias.dtype))
+
+
+def _label_order(config: Config, model: XMCModel, data, inputs) -> None:
+    """A dense head's labels (the most frequent) first, then the tail, semantically ordered on request."""
+    from xmc.classifiers.head_tail import frequency_order, semantic_order
+
+    cfg = config.classifier
+    Y = data.splits["train"].Y
+    order = frequency_order(Y, cfg.dense_head)
+    if cfg.label_order == "semantic":
+        started = time.perf_counter()
+        X, Y = _train_inputs(config, data, inputs)
+        order = semantic_order(order, cfg.dense_head, X, Y, cfg.fan_in_group, config.seed)
+        log.info("semantic label order in %.1f s", time.perf_counter() - started)
+    model.classifier.set_order(order)
 
 
 def _centroid_ids(config: Config, model: XMCModel, data, inputs) -> None:
@@ -99,7 +120,14 @@ def _centroid_ids(config: Config, model: XMCModel, data, inputs) -> None:
         )
     started = time.perf_counter()
     X, Y = _train_inputs(config, data, inputs)
-    report = init_centroid_ids(model.classifier.layer, X, Y)
+    classifier = model.classifier
+    if getattr(classifier, "head_size", 0) == classifier.num_labels:  # all labels dense: no ids to pick
+        return
+    if hasattr(classifier, "order"):  # the tail's labels, in its own order
+        from xmc.classifiers.head_tail import sp_columns
+
+        Y = sp_columns(Y, classifier.order[classifier.head_size :].numpy())
+    report = init_centroid_ids(classifier.layer, X, Y)
     log.info(
         "centroid ids in %.1f s; %.1f%% of slots drawn at random (labels with fewer than K features)",
         time.perf_counter() - started,
@@ -169,6 +197,8 @@ def _run(
     encoder, inputs = build_encoder_and_inputs(config.encoder, data.sources, progress=progress)
     clusters = _label_clusters(config, data, inputs) if config.classifier.meta.enabled else None
     model = build_model(config, encoder, data.num_labels, clusters)
+    if hasattr(model.classifier, "set_order"):  # deterministic: a resumed run's checkpoint holds the same
+        _label_order(config, model, data, inputs)
     # Like fan_in and set, ids is a fixed fan-in option: other classifiers ignore it.
     if config.classifier.ids == "centroid" and config.classifier.type == "fixed_fanin" and not resume:
         _centroid_ids(config, model, data, inputs)
@@ -235,6 +265,7 @@ def _run(
         skipped_steps=position.skipped,
         params=model.parameter_counts(),
         classifier_bytes=model.classifier_bytes(),
+        classifier_state_bytes=model.training_state_bytes(config.train.classifier_optimizer),
         device=device_name(device),
         precision=precision,
         world_size=place.world,
