@@ -84,8 +84,9 @@ class SETOptions:
 @dataclass
 class MetaConfig:
     enabled: bool = False  # auxiliary meta-classifier over label clusters (improves gradient flow)
-    # label clusters; xmc.classifiers.meta.cluster_count(L) (L / 64 as a power of two) is a good start
-    clusters: int = 256
+    # label clusters; 0 = xmc.classifiers.meta.cluster_count(L): L / 64 rounded to a power of two, the one
+    # rule every shipped config follows (SPARTEX's 2,048 for 131K labels)
+    clusters: int = 0
     lam0: float = 0.4  # initial weight of the meta loss: (1 - lam) * main + lam * meta
     cutoff_epoch: int = 5  # lam decays on a cosine to 0 at this epoch, then the meta loss is off
 
@@ -216,7 +217,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "classifier.set.threshold": (0, None),
     "classifier.set.floor": (0, None),
     "classifier.set.gamma": (0, 1),
-    "classifier.meta.clusters": (1, None),
+    "classifier.meta.clusters": (0, None),
     "classifier.meta.lam0": (0, 1),
     "classifier.meta.cutoff_epoch": (0, None),
     "classifier.rps.compression": (1, None),

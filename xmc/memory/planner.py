@@ -408,12 +408,21 @@ def plan_from_config(config, labels: int | None = None, features: int | None = N
         classifier_state=config.train.classifier_state,
         intermediate=config.classifier.intermediate,
         intermediate_fan_in=config.classifier.intermediate_fan_in if config.classifier.intermediate else 0,
-        meta_clusters=config.classifier.meta.clusters if config.classifier.meta.enabled else 0,
+        meta_clusters=_meta_clusters(config, labels),
         grad_accum=config.train.grad_accum,
         gradient_checkpointing=enc.gradient_checkpointing,
         freeze_encoder=enc.freeze,
         rps_compression=compression,
     )
+
+
+def _meta_clusters(config, labels: int) -> int:
+    meta = config.classifier.meta
+    if not meta.enabled:
+        return 0
+    from xmc.classifiers.meta import cluster_count
+
+    return meta.clusters or cluster_count(labels)
 
 
 def counts_from_data(config) -> tuple[int | None, int | None]:

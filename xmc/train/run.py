@@ -195,7 +195,12 @@ def _run(
     started = time.perf_counter()
     data = load_data(config.data, config.seed)
     encoder, inputs = build_encoder_and_inputs(config.encoder, data.sources, progress=progress)
-    clusters = _label_clusters(config, data, inputs) if config.classifier.meta.enabled else None
+    meta = config.classifier.meta
+    if meta.enabled and not meta.clusters:  # the rule's count, written into the run's config.yaml
+        from xmc.classifiers.meta import cluster_count
+
+        meta.clusters = cluster_count(data.num_labels)
+    clusters = _label_clusters(config, data, inputs) if meta.enabled else None
     model = build_model(config, encoder, data.num_labels, clusters)
     if hasattr(model.classifier, "set_order"):  # deterministic: a resumed run's checkpoint holds the same
         _label_order(config, model, data, inputs)
