@@ -59,6 +59,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     queue = [(name, overrides, seed) for seed in args.seeds for name, overrides in variants.items()]
     scores: dict[str, list[float]] = {name: [] for name in variants}
+    states: dict[str, int | None] = {}
     with tempfile.TemporaryDirectory() as scratch:
         running: list[tuple[subprocess.Popen, str, int, list[str], float, Path]] = []
         while queue or running:
@@ -88,14 +89,19 @@ def main() -> None:
                 row = {**meta, "variant": name, "overrides": variants[name], "seed": seed}
                 row.update(test=test, dev_P1=metrics.get("dev", {}).get("P@1"))
                 row.update(classifier_bytes=metrics["classifier_bytes"], epochs=metrics["epochs"])
+                # weights, ids, gradients and optimizer state of the classifier side (XMCModel)
+                row.update(classifier_state_bytes=metrics.get("classifier_state_bytes"))
+                row.update(train_seconds=round(metrics["train_seconds"], 1))
                 row.update(seconds=round(time.perf_counter() - started, 1), command=shlex.join(command))
                 append_row(args.results, row)
                 scores[name].append(100 * test["P@1"])
+                states[name] = metrics.get("classifier_state_bytes")
     base = sum(scores[next(iter(variants))]) / len(args.seeds)
     for name, values in scores.items():
         mean = sum(values) / len(values)
         runs = ", ".join(f"{v:.2f}" for v in values)
-        print(f"{name:<24} test P@1 mean {mean:.2f} ({runs}) {mean - base:+.2f}")
+        state = f", state {states[name] / 2**20:.1f} MiB" if states.get(name) else ""
+        print(f"{name:<24} test P@1 mean {mean:.2f} ({runs}) {mean - base:+.2f}{state}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 - ``condensed.safetensors``: ``encoder.*`` (the encoder's state), ``intermediate.*`` (``values`` /
   ``ids`` / ``neurons`` / ``bias`` for a fixed fan-in layer, only the surviving neurons after SRigL
   ablation; ``weight`` / ``bias`` for a dense one), and ``classifier.values`` (L, K) float32,
-  ``classifier.ids`` (L, K) int16 or int32, ``classifier.bias`` (L,);
+  ``classifier.ids`` (L, K) int16 or int32, ``classifier.bias`` (L,); a classifier with a dense head
+  (``classifier.dense_head``) stores its tail there (T rows), and ``classifier.head_weight`` (N, D),
+  ``classifier.head_bias`` (N,) and ``classifier.order`` (L,: position -> label id, head first) beside it;
 - ``condensed.extra.json`` (the bag-of-words vocabulary) and ``encoder/`` (a transformer's config and
   tokenizer), as in a run folder.
 
