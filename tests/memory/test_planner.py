@@ -385,3 +385,26 @@ def test_measure_bf16_classifier_state_on_cpu_within_a_quarter():
     assert done.returncode == 0, done.stderr
     (result,) = json.loads(done.stdout)["measured"]
     assert 0.75 <= result["ratio"] <= 1.25, result
+
+
+def test_dense_head_row_counts_the_head_dense_and_the_tail_sparse_by_hand():
+    """L = 100, D = 8, K = 2, a head of 10 labels, fp32 AdamW: head 10 x (8 + 1) values, tail 90 x (2 + 1)
+    values and 90 x 2 int16 ids (their column view: 180 int32 slots and 9 int64 pointers), 16 bytes a label
+    of permutation; each value weighs 4 (weight) + 4 (gradient) + 8 (moments)."""
+    parts = estimate(plan(dense_head=10, precision="fp32"), ("fixed_fanin",))["fixed_fanin"]
+    head = {k: v for k, v in parts.items() if k.startswith("classifier head_")}
+    tail = {k: v for k, v in parts.items() if k.startswith("classifier tail_")}
+    assert head["classifier head_weights"] == 4 * 10 * 9 and head["classifier head_optimizer"] == 8 * 10 * 9
+    assert tail["classifier tail_weights"] == 4 * 90 * 3 and tail["classifier tail_indices"] == 2 * 90 * 2
+    assert tail["classifier tail_transpose"] == 4 * 180 + 8 * 9
+    assert parts["classifier label_order"] == 16 * 100
+    with pytest.raises(ValueError, match="--dense-head must lie in 0..100"):
+        estimate(plan(dense_head=101))
+
+
+def test_plan_from_a_config_takes_its_dense_head(tmp_path):
+    from xmc.config import ClassifierConfig, Config
+
+    config = Config(classifier=ClassifierConfig(dense_head=40))
+    config.encoder.type, config.encoder.dim = "features", 16
+    assert plan_from_config(config, labels=500).dense_head == 40
