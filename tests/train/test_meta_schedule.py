@@ -16,7 +16,11 @@ from xmc.train.run import run_training
 CONFIG = """
 data: {{train: '{data}/train.txt', test: '{data}/test.txt', dev_fraction: 0.0, format: bow}}
 encoder: {{type: bow, dim: 16, min_df: 1}}
-classifier: {{type: fixed_fanin, fan_in: 4, set: {{enabled: false}}, meta: {{enabled: true, lam0: 0.4, cutoff_epoch: 2}}}}
+classifier:
+  type: fixed_fanin
+  fan_in: 4
+  set: {{enabled: false}}
+  meta: {{enabled: true, lam0: 0.4, cutoff_epoch: 2}}
 train: {{epochs: 3, batch_size: 25, grad_accum: {accum}, classifier_lr: 0.03, warmup: 0.0}}
 """
 
