@@ -11,13 +11,15 @@ frequent training labels) on synthetic data of their label-count order, in a sho
    decay, batch, encoder learning rate and dropout) for one epoch, i.e. ``--steps`` optimizer steps, with
    these changes only: a bag-of-words encoder with a learned ``--dim``-wide projection in place of the
    transformer (no pretrained model on the machine), fp32 on the CPU, and the run's length (the cosine
-   schedule is stretched over the short run; SET rewires only if ``--steps`` exceeds its interval);
+   schedule is stretched over the short run; SET rewires only if ``--steps`` exceeds its interval); ``--set``
+   adds overrides for diagnosis, recorded in the row as deviations;
 3. appends one row to ``benchmarks/results/lf_sgd_synthetic.jsonl``: the classifier loss (mean BCE over the
    B x L pairs) of every step, test P@1/3/5 of the model and of the most-frequent-labels baseline, wall
    time, peak resident memory, date, git revision, device and the command.
 
-A CPU benchmark: run it niced on one thread. At L = 1,305,265, B = 512 and K = 128 a step takes ~1.5 min on
-one thread of the 2-core development machine, building the layer ~5 min and clustering the labels ~2 min:
+A CPU benchmark: run it niced on one thread. At L = 1,305,265, B = 512 and K = 128 a step takes ~85 s on one
+thread of the 2-core development machine, building the layer ~5 min and clustering the labels ~2 min, the
+whole run of 10 steps ~25 min at 3.6 GiB peak RSS:
 
     OMP_NUM_THREADS=1 nice -n 19 python benchmarks/bench_lf_sgd.py \\
         --config configs/repository/lf-amazontitles-1.3m.yaml --steps 10
@@ -98,6 +100,13 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=50_000)
     parser.add_argument("--words-per-label", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override on top (a deviation from the config, for diagnosis; recorded in the row)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -132,6 +141,7 @@ def main() -> None:
             "train.epochs=1",
             "train.precision=no",
             "train.device=cpu",
+            *args.set,
         ]
         config = load_config(args.config, overrides)
         with recorded_losses() as losses:
@@ -142,6 +152,7 @@ def main() -> None:
     row = {
         "bench": "lf_sgd_synthetic",
         "config": shown(args.config),
+        "deviations": args.set,  # overrides beyond the encoder, precision and run length
         "labels": labels,
         "train_documents": written.documents["train"],
         "test_documents": written.documents["test"],
