@@ -44,13 +44,13 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def hash_keys(*keys: torch.Tensor | int) -> torch.Tensor:
+def hash_keys(*keys: torch.Tensor | int, state: torch.Tensor | None = None) -> torch.Tensor:
     """A 32-bit hash (int64 tensor in ``[0, 2**32)``) of a tuple of integer keys, broadcast together.
 
     Keys may be Python ints or int tensors; each is folded in as two 32-bit halves, so keys up to
-    2**63 are distinct.
+    2**63 are distinct. ``state``, a hash this function returned, continues it:
+    ``hash_keys(c, state=hash_keys(a, b)) == hash_keys(a, b, c)`` (a shared prefix hashed once).
     """
-    state: torch.Tensor | None = None
     for key in keys:
         key = torch.as_tensor(key, dtype=torch.int64)
         for part in (key & _M32, (key >> 32) & _M32):

@@ -115,3 +115,14 @@ def test_half_full_rows_draw_and_do_not_depend_on_their_neighbours():
         assert torch.equal(
             whole[part], ids_module.fill_distinct(empty[part], every[part], rows[part], num_columns, (5, 1))
         )
+
+
+def test_hash_keys_continues_a_state():
+    """The rejection loop hashes the key without the attempt once and folds each attempt into that state."""
+    from xmc.kernels.hashing import hash_keys
+
+    rows, slots = torch.arange(5)[:, None] + 2**33, torch.arange(3)[None, :]
+    prefix = hash_keys(7, 1, rows, slots)
+    for attempt in (0, 1, 2**40):
+        assert torch.equal(hash_keys(attempt, state=prefix), hash_keys(7, 1, rows, slots, attempt))
+    assert not torch.equal(hash_keys(1, state=prefix), hash_keys(0, state=prefix))

@@ -82,9 +82,12 @@ def _fill_by_rejection(
     blocked = _with_avoided(ids, avoid)
     slots = torch.arange(fan_in, device=ids.device)
     pending = fill.clone()
+    # The key up to the attempt, hashed once; each round folds in its attempt for the pending slots only
+    # (after the first round a few percent of them), so a round costs far less than a full hash.
+    prefix = hash_keys(*key, rows[:, None], slots[None, :])
     for attempt in range(_MAX_ROUNDS):
-        drawn = hash_keys(*key, rows[:, None], slots[None, :], attempt) % num_columns
-        blocked[:, :fan_in] = torch.where(pending, drawn, blocked[:, :fan_in])
+        where = pending.nonzero(as_tuple=True)
+        blocked[:, :fan_in][where] = hash_keys(attempt, state=prefix[where]) % num_columns
         pending = _repeated(blocked)[:, :fan_in] & fill
         if not bool(pending.any()):
             break
