@@ -156,7 +156,7 @@ class XMCModel(nn.Module):
         its bf16 weights and moments."""
         from xmc.memory.bytes import optimizer_state_bytes
 
-        bf16 = self.classifier.label_parameters()[0].dtype == torch.bfloat16
+        bf16 = next(self.classifier.parameters()).dtype == torch.bfloat16
         if bf16 and optimizer == "adamw":
             optimizer = "adamw-bf16"
         parts = self.classifier.memory(optimizer=optimizer)

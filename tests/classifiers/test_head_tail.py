@@ -151,3 +151,20 @@ def test_label_sharding_and_wrong_settings_say_what_to_do():
         build_classifier(ClassifierConfig(dense_head=21, fan_in=2), 8, 20, 0)
     with pytest.raises(ValueError, match="permutation"):
         HeadTailClassifier(8, 5, 2, 2).set_order([0, 1, 2, 3, 3])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_training_state_bytes_of_every_classifier(bias):
+    """What metrics.json reports as classifier_state_bytes: weights, ids and their view, gradients and
+    optimizer state; an RPS layer without a bias has no label-indexed parameter at all."""
+    from xmc.classifiers import DenseClassifier, RPSClassifier
+    from xmc.model import XMCModel
+
+    encoder = torch.nn.Linear(3, 8)
+    encoder.out_features = 8
+    dense = XMCModel(encoder, DenseClassifier(8, 50, bias=bias)).training_state_bytes("sgd")
+    assert dense == 3 * 4 * (50 * 8 + 50 * bias)  # weights, gradients, SGD momentum
+    rps = XMCModel(encoder, RPSClassifier(8, 50, bias=bias, compression=4)).training_state_bytes("sgd")
+    assert rps == 3 * 4 * (100 + 50 * bias)
+    head_tail = XMCModel(encoder, HeadTailClassifier(8, 50, 5, 2, bias=bias)).training_state_bytes("adamw")
+    assert head_tail < 4 * 4 * 50 * 9 and head_tail > 4 * 4 * (5 * 8 + 45 * 2)
