@@ -127,6 +127,7 @@ def build_step(plan: Plan, backend: str, dev, loss: str = "bce", classifier_stat
     config.classifier.type = backend
     config.classifier.fan_in = plan.fan_in
     config.classifier.fan_in_group = plan.fan_in_group if backend == "fixed_fanin" else 1
+    config.classifier.dense_head = plan.dense_head if backend == "fixed_fanin" else 0
     config.classifier.intermediate = plan.intermediate
     config.classifier.rps.compression = plan.rps_compression
     config.train.classifier_optimizer = plan.optimizer
