@@ -67,6 +67,15 @@ class Classifier(nn.Module, abc.ABC):
         """The (num_labels,) bias added to every logit, or None."""
         return getattr(self, "bias", None)
 
+    @torch.no_grad()
+    def set_label_bias(self, values: torch.Tensor) -> bool:
+        """Set every label's bias from ``values`` (L,) in label-id order; False when there is no bias."""
+        bias = self.label_bias()
+        if bias is None:
+            return False
+        bias.copy_(values.to(bias.dtype))
+        return True
+
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters read by every label chunk (gradients summed over chunks); none by default."""
         return []

@@ -170,7 +170,7 @@ class HeadTailClassifier(Classifier):
         return topk_merge_lists_torch(torch.cat(scores, 1), torch.cat(ids, 1), k)
 
     def label_bias(self) -> nn.Parameter | None:
-        return None  # two parts: set a bias in label-id order with set_label_bias
+        return None  # two parts in their own order: set_label_bias takes label-id order
 
     @torch.no_grad()
     def set_label_bias(self, values: torch.Tensor) -> bool:
@@ -247,7 +247,9 @@ class HeadTailClassifier(Classifier):
 def frequency_order(Y, head_size: int) -> np.ndarray:
     """Position -> label id: the ``head_size`` most frequent labels of ``Y`` (N, L) first (most frequent
     first, ties to the lower id), then the rest in id order."""
-    counts = np.asarray((Y != 0).sum(axis=0)).ravel()
+    from xmc.metrics import label_frequencies
+
+    counts = label_frequencies(Y)
     ranked = np.lexsort((np.arange(len(counts)), -counts))  # by count descending, then id
     head = ranked[:head_size]
     tail = np.setdiff1d(np.arange(len(counts)), head, assume_unique=True)

@@ -80,15 +80,8 @@ def _prior_bias(model: XMCModel, Y) -> None:
 
     p = (label_frequencies(Y) + 0.5) / (Y.shape[0] + 1.0)
     values = torch.from_numpy(np.log(p) - np.log1p(-p))
-    classifier = model.classifier
-    if hasattr(classifier, "set_label_bias"):  # a head and a tail in their own order
-        if not classifier.set_label_bias(values):
-            raise ValueError("classifier.bias_init=prior needs classifier.bias=true")
-        return
-    bias = classifier.label_bias()
-    if bias is None:
+    if not model.classifier.set_label_bias(values):
         raise ValueError("classifier.bias_init=prior needs classifier.bias=true")
-    bias.copy_(values.to(bias.dtype))
 
 
 def _label_order(config: Config, model: XMCModel, data, inputs) -> None:
