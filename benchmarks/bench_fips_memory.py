@@ -4,13 +4,17 @@ For each budget (fraction of MiniLM's MLP weights kept; sparsity 0.5, groups of 
 rows of ``bench_fips.py``) the bundled MiniLM-L6 is compressed without fitting (SVD pruned once by magnitude:
 the factors' values do not change their bytes, memory or time) and saved with
 :func:`xmc.compress.fips.save_compressed`. Then each encoder, the original included, is measured in a fresh
-process: loaded with :meth:`xmc.encoders.TransformerEncoder.from_pretrained` (the path ``xmc embed`` and
-training take), resident memory after loading, the peak resident memory of one forward pass (``no_grad``,
-fp32, ``--batch`` documents of ``--length`` tokens; the peak is reset after loading through
-``/proc/self/clear_refs``, Linux only) and the median time of ``--repeats`` forward passes. FiPS layers
-rebuild each (r, I) factor densely per forward, or with ``--sparse-products`` multiply by the CSR factor.
-Bytes on disk are the weight files (``model.safetensors``, plus ``fips.safetensors``). One JSON row per
-encoder goes to ``benchmarks/results/fips_memory.jsonl``.
+process, twice: with glibc's default allocator settings and with a fixed mmap threshold (``MMAP_THRESHOLD``
+below), under which the resident peak follows the bytes alive rather than the heap's fragmentation. A
+process loads the encoder with :meth:`xmc.encoders.TransformerEncoder.from_pretrained` (the path ``xmc
+embed`` and training take) and records its resident memory before loading (the interpreter, PyTorch and
+transformers) and after, the peak resident memory of one forward pass (``no_grad``, fp32, ``--batch``
+documents of ``--length`` tokens; the peak is reset after loading through ``/proc/self/clear_refs``, Linux
+only) and the median time of ``--repeats`` forward passes. The weights of a plain folder are mapped from
+its file and become resident as the forward reads them, so compare peaks, not the memory after loading.
+FiPS layers rebuild each (r, I) factor densely per forward, or with ``--sparse-products`` multiply by it
+as a CSR matrix. Bytes on disk are the weight files (``model.safetensors``, plus ``fips.safetensors``). One
+JSON row per encoder and allocator setting goes to ``benchmarks/results/fips_memory.jsonl``.
 
     python benchmarks/bench_fips_memory.py [--budgets 0.5 0.25] [--batch 32] [--length 128] [--repeats 5]
         [--sparse-products]
@@ -31,6 +35,10 @@ from pathlib import Path
 from common import append_row, git_revision
 
 RESULTS = Path(__file__).parent / "results" / "fips_memory.jsonl"
+# glibc serves allocations of at least this many bytes with mmap and returns them to the system when freed,
+# so the resident peak follows the bytes alive. Its default threshold grows to the largest block freed
+# (up to 32 MiB), after which freed blocks stay in the heap and the peak also counts its fragmentation.
+MMAP_THRESHOLD = 65536
 
 
 def measure(folder: str, batch: int, length: int, repeats: int, sparse: bool) -> dict:
@@ -43,6 +51,8 @@ def measure(folder: str, batch: int, length: int, repeats: int, sparse: bool) ->
 
     FipsLinear.sparse_products = sparse
     torch.manual_seed(0)
+    torch.ones(64, 64) @ torch.ones(64, 64)  # start the thread pool before the baseline
+    baseline = resident_bytes()[0]  # the interpreter, PyTorch and transformers, no model
     encoder = TransformerEncoder.from_pretrained(folder).eval()
     vocab = encoder.model.config.vocab_size
     inputs = {
@@ -63,6 +73,7 @@ def measure(folder: str, batch: int, length: int, repeats: int, sparse: bool) ->
                     "rss"
                 ]  # the first pass: nothing cached from an earlier one
     return {
+        "rss_baseline_bytes": baseline,
         "rss_loaded_bytes": loaded,
         "forward_peak_rss_bytes": peak,
         "forward_seconds": statistics.median(times),
@@ -109,32 +120,39 @@ def main() -> None:
                 describe(model),
             )
         for name, (folder, files, summary) in encoders.items():
-            command = [sys.executable, __file__, "--measure", str(folder), "--batch", str(args.batch)]
-            command += ["--length", str(args.length), "--repeats", str(args.repeats)]
-            command += ["--sparse-products"] if args.sparse_products else []
-            done = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ})
-            row = {
-                "bench": "fips_memory",
-                "encoder": name,
-                "disk_bytes": sum((Path(folder) / f).stat().st_size for f in files),
-                **json.loads(done.stdout.strip().splitlines()[-1]),
-                "batch": args.batch,
-                "length": args.length,
-                "sparsity": None if summary is None else args.sparsity,
-                "sparse_products": None if summary is None else args.sparse_products,
-                "mlp_weight_fraction": 1.0 if summary is None else round(summary["mlp_weight_fraction"], 4),
-                "device": "CPU",
-                "threads": torch.get_num_threads(),
-                "load_average": round(os.getloadavg()[0], 2),
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "git": git_revision(),
-                "date": time.strftime("%Y-%m-%d"),
-            }
-            if args.no_save:
-                print(json.dumps(row))
-            else:
-                append_row(RESULTS, row)
+            for threshold in (None, MMAP_THRESHOLD):
+                command = [sys.executable, __file__, "--measure", str(folder), "--batch", str(args.batch)]
+                command += ["--length", str(args.length), "--repeats", str(args.repeats)]
+                command += ["--sparse-products"] if args.sparse_products else []
+                env = {**os.environ}
+                if threshold is not None:
+                    env["MALLOC_MMAP_THRESHOLD_"] = str(threshold)
+                done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+                row = {
+                    "bench": "fips_memory",
+                    "encoder": name,
+                    "disk_bytes": sum((Path(folder) / f).stat().st_size for f in files),
+                    "malloc_mmap_threshold": threshold,  # None: glibc's default (dynamic) threshold
+                    **json.loads(done.stdout.strip().splitlines()[-1]),
+                    "batch": args.batch,
+                    "length": args.length,
+                    "sparsity": None if summary is None else args.sparsity,
+                    "sparse_products": None if summary is None else args.sparse_products,
+                    "mlp_weight_fraction": 1.0
+                    if summary is None
+                    else round(summary["mlp_weight_fraction"], 4),
+                    "device": "CPU",
+                    "threads": torch.get_num_threads(),
+                    "load_average": round(os.getloadavg()[0], 2),
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                    "git": git_revision(),
+                    "date": time.strftime("%Y-%m-%d"),
+                }
+                if args.no_save:
+                    print(json.dumps(row))
+                else:
+                    append_row(RESULTS, row)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,19 @@ def _batch(tokenizer, texts=("the cat sat", "a law on the mat dogs")):
     return dict(tokenizer(list(texts), padding=True, return_tensors="pt"))
 
 
+def test_patterns_pack_eight_entries_a_byte_and_unpack_exactly():
+    from xmc.compress.fips import pack_bits, unpack_bits
+
+    mask = torch.tensor([1, 0, 1, 0, 0, 0, 0, 0, 1], dtype=torch.bool)
+    assert pack_bits(mask).tolist() == [0b101, 1]  # bit b of byte j is entry 8 j + b; the rest padded
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(3, 7), (16, 24), (1, 1)]:
+        mask = torch.rand(shape, generator=gen) < 0.5
+        packed = pack_bits(mask)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+        assert torch.equal(unpack_bits(packed, mask.numel()).view(shape), mask)
+
+
 def test_budget_rank_and_parameter_formula_by_hand():
     # D = 384, I = 1536, groups of 2 blocks (4 matrices), s = 0.5, p = 0.5:
     # floor(0.5 * 4 * 384 * 1536 / (384 + 0.5 * 4 * 1536)) = floor(1179648 / 3456) = 341
@@ -259,6 +272,43 @@ def test_saved_folder_loads_through_the_encoder_path_without_dense_mlp_weights(t
         torch.testing.assert_close(rebuilt.model(**batch).last_hidden_state, want, rtol=0, atol=0)
 
 
+def test_loading_never_initializes_a_dense_weight_and_names_a_damaged_folder(tmp_path, monkeypatch):
+    """The folder loads onto a model whose weights start on the meta device: no linear layer, MLP or
+    other, initializes real memory before the saved tensors are assigned. A model.safetensors without
+    one of the model's tensors is refused with the fix."""
+    from safetensors.torch import load_file, save_file
+
+    from xmc.compress.fips import load_model
+
+    model, folder, _, tokenizer = _save(tmp_path)
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        want = model(**batch).last_hidden_state
+    from transformers.models.bert.modeling_bert import BertPreTrainedModel
+
+    initialized = []  # (shape, on the meta device) of each linear weight transformers initializes
+    original = BertPreTrainedModel._init_weights
+
+    def init_weights(self, module):
+        if isinstance(module, torch.nn.Linear):
+            initialized.append((tuple(module.weight.shape), module.weight.is_meta))
+        return original(self, module)
+
+    monkeypatch.setattr(BertPreTrainedModel, "_init_weights", init_weights)
+    loaded = load_model(folder)
+    monkeypatch.undo()
+    assert initialized and all(meta for _, meta in initialized), initialized
+    assert not any(t.is_meta for t in (*loaded.parameters(), *loaded.buffers()))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).last_hidden_state, want, rtol=0, atol=0)
+
+    weights = load_file(str(folder / "model.safetensors"))
+    dropped = next(k for k in weights if "attention.self.query.weight" in k)
+    save_file({k: v for k, v in weights.items() if k != dropped}, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match="lacks 1 of the model's tensors .*compress the encoder again"):
+        load_model(folder)
+
+
 def test_training_keeps_the_sparsity_pattern(tmp_path):
     from xmc.encoders import TransformerEncoder
 
@@ -398,7 +448,7 @@ def test_cli_from_a_run_with_end_to_end_finetuning(tmp_path):
 def test_inference_runs_sparse_dense_products_equal_to_the_dense_factor_path(tmp_path, monkeypatch):
     """With ``sparse_products`` and without gradients on CPU the MLPs multiply by the CSR factors (V is
     never densified); the output matches the default path's, which rebuilds V densely; a folder of format
-    1 (dense products stored too) still loads."""
+    1 (dense products stored too, patterns as CSR) still loads."""
     from safetensors.torch import save_file
 
     from xmc.compress.fips import FIPS_FILE, FIPS_KEY, fips_state
@@ -423,7 +473,16 @@ def test_inference_runs_sparse_dense_products_equal_to_the_dense_factor_path(tmp
     dense = materialize(model)
     setattr(dense.config, FIPS_KEY, getattr(model.config, FIPS_KEY))
     dense.save_pretrained(str(old))
-    save_file(fips_state(model), str(old / FIPS_FILE))
+    # formats 1 and 2 stored each pattern as CSR: int16 column ids and int32 row pointers
+    state = fips_state(model)
+    for name, layer in model.named_modules():
+        if isinstance(layer, FipsLinear):
+            rows, cols = layer.pattern().nonzero(as_tuple=True)
+            counts = torch.bincount(rows, minlength=layer.rank)
+            del state[f"{name}.mask"]
+            state[f"{name}.cols"] = cols.to(torch.int16)
+            state[f"{name}.crow"] = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    save_file(state, str(old / FIPS_FILE))
     loaded = TransformerEncoder.from_pretrained(old).eval()
     assert isinstance(loaded.model.encoder.layer[0].intermediate.dense, FipsLinear)
     with torch.no_grad():

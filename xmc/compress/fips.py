@@ -9,9 +9,10 @@ in BERT. In the D x I orientation both weights live in the same D-dimensional sp
 
 and shares the base ``U = U_r`` (D, r) among them; matrix j keeps the factor
 ``V_j = S_r Vh_r[:, j I:(j + 1) I]`` (r, I), so ``W1_l^T ~ U V_2l`` and ``W2_l ~ U V_2l+1``. Every factor
-is then sparse with exactly ``round(s r I)`` zeros (sparsity s), stored as CSR: fp32 values, column ids
-(int16 when I <= 32767, else int32) and int32 row pointers. With r = D and s = 0 the factorization is
-exact. Biases stay dense, uncompressed and are counted apart.
+is then sparse with exactly ``round(s r I)`` zeros (sparsity s), stored as its nonzero values in row-major
+order (fp32) and its pattern as a bitmask, 8 entries a byte: r I / 8 bytes, against 2 bytes a nonzero for
+int16 column ids (r I bytes at s = 0.5). With r = D and s = 0 the factorization is exact. Biases stay
+dense, uncompressed and are counted apart.
 
 Parameters of a group: ``D r + sum_j nnz(V_j)`` with ``nnz = r I - round(s r I)``. A budget p is a
 fraction of the original MLP weights (biases excluded): r is the largest rank <= D with
@@ -22,20 +23,21 @@ Forward of a compressed linear, x (T, D) or h (T, I), never forming the D x I we
     first linear:  y = (x U) V_j + b           (T, r), then (T, I)
     second linear: y = (h V_j^T) U^T + b       (T, r), then (T, D)
 
-Every forward rebuilds V densely, (r, I) per layer, from its CSR (differentiable in its values; the
-pattern stays fixed), never the (D, I) weight. ``FipsLinear.sparse_products = True`` instead multiplies
-by the CSR factor itself (``torch.sparse``) when no gradient is wanted on CPU, so V never exists densely;
-it is off by default because on a 2-core CPU it made MiniLM's forward 4-9x slower without lowering peak
-memory (``benchmarks/bench_fips_memory.py``; the (r, I) rebuilt factor is about 2 MB per layer there).
+Every forward rebuilds V densely, (r, I) per layer, by scattering the values through the unpacked mask
+(differentiable in the values; the pattern stays fixed), never the (D, I) weight.
+``FipsLinear.sparse_products = True`` instead multiplies by V as a CSR matrix (``torch.sparse``) when no
+gradient is wanted on CPU, so V never exists densely; it is off by default because on a 2-core CPU it made
+MiniLM's forward 4-9x slower without lowering peak memory (``benchmarks/bench_fips_memory.py``; the (r, I)
+rebuilt factor is about 2 MB per layer there).
 
 The factors are fitted in :mod:`xmc.compress.fit`. A compressed model is saved as a Hugging Face folder whose
 ``config.json`` carries the structure under ``xmc_fips`` and whose ``model.safetensors`` holds every weight
-but the compressed MLP weights, plus ``fips.safetensors`` (the bases, the factors' CSR and the MLP
-biases) and ``fips.json`` (the summary): no dense MLP weight is stored. :func:`load_model` lets
-``transformers`` load ``model.safetensors`` (it initializes the absent MLP weights, dropped at once),
-swaps the compressed linears in and assigns ``fips.safetensors`` to them (folders of format 1, which also
-stored the dense products, still load). Plain ``transformers`` does not know the layout:
-``materialize`` gives a dense model for other tools.
+but the compressed MLP weights, plus ``fips.safetensors`` (the bases, the factors' values and masks and the
+MLP biases) and ``fips.json`` (the summary): no dense MLP weight is stored. :func:`load_model` builds the
+model with its weights on the meta device, swaps the compressed linears in and assigns both files to it,
+so no dense MLP weight is ever allocated. Folders of formats 1 and 2 (the pattern as CSR column ids and
+row pointers; format 1 also stored the dense products, which are not read) still load. Plain
+``transformers`` does not know the layout: ``materialize`` gives a dense model for other tools.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ from torch import nn
 FIPS_KEY = "xmc_fips"  # config.json entry that marks a FiPS model and gives its structure
 FIPS_FILE = "fips.safetensors"
 SUMMARY_FILE = "fips.json"
-FORMAT_VERSION = 2  # 2: model.safetensors without the compressed MLP weights (1 stored their dense products)
+# 3: the factors' patterns as bitmasks (2: as CSR ids); 2 and 3: model.safetensors without the compressed MLP
+# weights (1 stored their dense products)
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -145,16 +149,32 @@ def magnitude_mask(factor: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask.view_as(factor)
 
 
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean tensor's entries in row-major order, 8 to a byte: bit b of byte j is entry 8 j + b
+    (the last byte padded with zeros). (ceil(numel / 8),) uint8."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    return (flat.view(-1, 8) << shifts).sum(1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The first ``numel`` entries :func:`pack_bits` packed, as a flat boolean tensor."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:numel].bool()
+
+
 class FipsLinear(nn.Module):
     """A linear layer whose weight is ``U V`` (``first``: ``W^T = U V``; ``second``: ``W = U V``), with
-    the base U shared through ``bases[group]`` and V (r, I) a CSR matrix: ``values`` (nnz,) parameter,
-    ``cols`` (nnz,) and ``crow`` (r + 1,) buffers. ``forward``: (..., in_features) -> (..., out_features).
+    the base U shared through ``bases[group]`` and V (r, I) sparse: ``values`` (nnz,) parameter, its
+    nonzeros in row-major order, and ``mask`` (ceil(r I / 8),) uint8 buffer, the pattern packed 8 entries
+    a byte (:func:`pack_bits`). ``forward``: (..., in_features) -> (..., out_features).
 
     The bases live once on the model's root (``model.fips_bases``) so each is one parameter; a layer
     reads it through an unregistered reference.
     """
 
-    sparse_products = False  # multiply by the CSR factor without densifying it (module docstring)
+    sparse_products = False  # multiply by V as a CSR matrix without densifying it (module docstring)
 
     def __init__(
         self, bases: nn.ParameterList, group: int, kind: str, nnz: int, width: int, bias: bool
@@ -164,14 +184,13 @@ class FipsLinear(nn.Module):
             raise ValueError(f"kind must be first or second, got {kind!r}")
         object.__setattr__(self, "_bases", bases)  # not a submodule: saved once, on the root
         self.group, self.kind, self.width = group, kind, width
-        rank, hidden = bases[group].shape[1], bases[group].shape[0]
+        self.rank, hidden = bases[group].shape[1], bases[group].shape[0]
+        if not 0 <= nnz <= self.rank * width:
+            raise ValueError(f"a ({self.rank}, {width}) factor cannot hold {nnz} nonzeros")
         self.in_features, self.out_features = (hidden, width) if kind == "first" else (width, hidden)
-        index = torch.int16 if width <= torch.iinfo(torch.int16).max else torch.int32
-        # A valid placeholder layout (the first nnz entries in row-major order) until real factors load.
-        flat = torch.arange(nnz)
+        # A valid placeholder pattern (the first nnz entries in row-major order) until real factors load.
         self.values = nn.Parameter(torch.zeros(nnz))
-        self.register_buffer("cols", (flat % width).to(index))
-        self.register_buffer("crow", torch.arange(rank + 1).mul(width).clamp(max=nnz).to(torch.int32))
+        self.register_buffer("mask", pack_bits(torch.arange(self.rank * width) < nnz))
         self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
 
     @property
@@ -180,26 +199,24 @@ class FipsLinear(nn.Module):
 
     def set_factor(self, factor: torch.Tensor, mask: torch.Tensor) -> None:
         """Store ``factor`` (r, I) at the nonzeros of ``mask`` (the nnz must match)."""
-        rows, cols = mask.nonzero(as_tuple=True)  # row-major, as CSR wants
-        if rows.numel() != self.values.numel():
-            raise ValueError(f"mask has {rows.numel()} nonzeros, the layer holds {self.values.numel()}")
-        counts = torch.bincount(rows, minlength=factor.shape[0])
+        if mask.shape != (self.rank, self.width):
+            raise ValueError(f"mask is {tuple(mask.shape)}, the layer's factor ({self.rank}, {self.width})")
+        count = int(mask.sum())
+        if count != self.values.numel():
+            raise ValueError(f"mask has {count} nonzeros, the layer holds {self.values.numel()}")
         with torch.no_grad():
-            self.values.copy_(factor[rows, cols])
-            self.cols.copy_(cols.to(self.cols.dtype))
-            self.crow.copy_(torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32))
+            self.values.copy_(factor[mask])  # boolean indexing reads row-major, as the mask stores
+            self.mask.copy_(pack_bits(mask.to(self.mask.device)))
+
+    def pattern(self) -> torch.Tensor:
+        """V's nonzero pattern, (r, I) boolean."""
+        return unpack_bits(self.mask, self.rank * self.width).view(self.rank, self.width)
 
     def factor(self) -> torch.Tensor:
         """V as a dense (r, I) tensor (zeros off the pattern), differentiable in ``values``."""
-        rank = self.crow.numel() - 1
-        rows = torch.repeat_interleave(
-            torch.arange(rank, device=self.crow.device),
-            self.crow.diff().long(),
-            output_size=self.cols.numel(),
-        )
-        flat = rows * self.width + self.cols.long()
-        dense = self.values.new_zeros(rank * self.width).scatter(0, flat, self.values)
-        return dense.view(rank, self.width)
+        bits = unpack_bits(self.mask, self.rank * self.width)
+        dense = self.values.new_zeros(self.rank * self.width).masked_scatter(bits, self.values)
+        return dense.view(self.rank, self.width)
 
     def weight_matrix(self) -> torch.Tensor:
         """The dense weight in ``nn.Linear`` orientation, (out_features, in_features)."""
@@ -207,13 +224,26 @@ class FipsLinear(nn.Module):
         return product.t() if self.kind == "first" else product
 
     def sparse_factor(self) -> torch.Tensor:
-        """V as a ``torch.sparse_csr_tensor`` (r, I) over this layer's own values and pattern."""
-        rank = self.crow.numel() - 1
+        """V as a ``torch.sparse_csr_tensor`` (r, I) over this layer's own values."""
+        rows, cols = self.pattern().nonzero(as_tuple=True)
+        counts = torch.bincount(rows, minlength=self.rank)
+        crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
         with warnings.catch_warnings():  # "sparse CSR support is in beta state"
             warnings.simplefilter("ignore", UserWarning)
             return torch.sparse_csr_tensor(
-                self.crow, self.cols.to(torch.int32), self.values, (rank, self.width), check_invariants=False
+                crow, cols.to(torch.int32), self.values, (self.rank, self.width), check_invariants=False
             )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Folders and checkpoints of format 1 and 2 stored the pattern as CSR (``cols``, ``crow``):
+        read into the mask."""
+        cols, crow = state_dict.pop(f"{prefix}cols", None), state_dict.pop(f"{prefix}crow", None)
+        if cols is not None and crow is not None:
+            rows = torch.repeat_interleave(torch.arange(crow.numel() - 1), crow.diff().long())
+            mask = torch.zeros(self.rank, self.width, dtype=torch.bool)
+            mask[rows, cols.long()] = True
+            state_dict[f"{prefix}mask"] = pack_bits(mask)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _sparse_path(self, x: torch.Tensor) -> bool:
         """Sparse products: switched on, no gradient wanted, CPU, x in the layer's dtype (no autocast)."""
@@ -246,7 +276,7 @@ class FipsLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.in_features} -> {self.out_features}, {self.kind}, group {self.group}, "
-            f"rank {self.base.shape[1]}, nnz {self.values.numel()}"
+            f"rank {self.rank}, nnz {self.values.numel()}"
         )
 
 
@@ -288,34 +318,62 @@ def attach_fips(model: nn.Module, structure: dict) -> list[tuple[FipsLinear, Fip
     return pairs  # type: ignore[return-value]
 
 
-def fips_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The compressed tensors of ``model``'s state dict: the bases and every FipsLinear's CSR and bias."""
+def fips_keys(model: nn.Module) -> set[str]:
+    """The keys of ``model``'s state dict that :func:`fips_state` holds."""
     names = {f"{name}." for name, m in model.named_modules() if isinstance(m, FipsLinear)}
     return {
-        key: value.detach().contiguous().cpu()
-        for key, value in model.state_dict().items()
+        key
+        for key in model.state_dict()
         if key.startswith("fips_bases.") or key[: key.rfind(".") + 1] in names
     }
 
 
+def fips_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The compressed tensors of ``model``'s state dict: the bases and every FipsLinear's values, mask
+    and bias."""
+    keys = fips_keys(model)
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k in keys}
+
+
 def load_model(folder: str | os.PathLike) -> nn.Module:
     """The Hugging Face base model saved in ``folder`` by :func:`save_compressed`, its MLPs as
-    :class:`FipsLinear` layers. ``transformers`` loads ``model.safetensors`` (everything but the
-    compressed weights; it initializes the absent dense MLP weights, which are dropped at once), then the
-    FiPS layers are attached and ``fips.safetensors`` assigned to them; dense MLP weights are never read."""
-    from transformers import AutoModel
-    from transformers.utils import logging as hf_logging
+    :class:`FipsLinear` layers. The model is built from ``config.json`` with its parameters on the meta
+    device (no memory; buffers such as position ids are built as usual), the FiPS layers are attached,
+    and every parameter is then assigned from ``model.safetensors`` and ``fips.safetensors``: a dense MLP
+    weight is never allocated, initialized or read."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
 
     folder = Path(folder)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the absent MLP weights are expected: no "newly initialized" report
-    try:
-        model = AutoModel.from_pretrained(str(folder), local_files_only=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModel.from_config(config)
     attach_fips(model, getattr(model.config, FIPS_KEY))
-    model.load_state_dict(_check_fips_file(folder, model), strict=False, assign=True)
-    return model
+    compressed = _check_fips_file(folder, model)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"{folder}: model.safetensors is missing; copy the whole folder written by xmc compress-encoder"
+        )
+    wanted = model.state_dict().keys() - compressed.keys()
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    rest = {}
+    for key, value in load_file(str(weights)).items():
+        key = key[len(prefix) :] if prefix != "." and key.startswith(prefix) else key
+        if key in wanted:  # format 1 also stored the MLPs' dense products: not read
+            rest[key] = value
+    model.load_state_dict({**rest, **compressed}, strict=False, assign=True)
+    pooler = getattr(model, "pooler", None)
+    if pooler is not None and any(p.is_meta for p in pooler.parameters()):
+        model.pooler = None  # not saved from a run (the encoder pools itself): the model goes without one
+    left = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(
+            f"{weights} lacks {len(left)} of the model's tensors ({', '.join(left[:3])}): the folder is "
+            "damaged or from another model; compress the encoder again with xmc compress-encoder"
+        )
+    return model.eval()
 
 
 def _check_fips_file(folder: Path, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -328,9 +386,11 @@ def _check_fips_file(folder: Path, model: nn.Module) -> dict[str, torch.Tensor]:
             "whole folder written by xmc compress-encoder"
         )
     tensors = load_file(str(path))
-    expected = set(fips_state(model))
-    if set(tensors) != expected:
-        odd = sorted(expected.symmetric_difference(tensors))[:3]
+    expected = fips_keys(model)
+    # formats 1 and 2 stored each pattern as CSR, read into the mask by FipsLinear
+    stored = {f"{k[: -len('cols')]}mask" if k.endswith((".cols", ".crow")) else k for k in tensors}
+    if stored != expected:
+        odd = sorted(expected.symmetric_difference(stored))[:3]
         raise ValueError(f"{path} does not match the structure in config.json (keys {odd})")
     return tensors
 
@@ -371,7 +431,7 @@ def describe(model: nn.Module) -> dict:
     parts = {
         "base": size(model.fips_bases),
         "factor_values": size(m.values for m in layers),
-        "factor_indices": (0, size([t for m in layers for t in (m.cols, m.crow)])[1]),
+        "factor_indices": (0, size(m.mask for m in layers)[1]),
         "mlp_biases": size(m.bias for m in layers if m.bias is not None),
         "rest": size(
             p
