@@ -23,6 +23,7 @@ def test_every_minilm_config_loads_and_fine_tunes_the_bundled_model():
     assert {c.stem for c in FINE_TUNED} == {
         "minilm-dense",
         "minilm-fixed-fanin",
+        "minilm-head-tail",
         "minilm-intermediate",
         "minilm-meta",
     }
@@ -35,7 +36,7 @@ def test_every_minilm_config_loads_and_fine_tunes_the_bundled_model():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["minilm-fixed-fanin", "minilm-meta"])
+@pytest.mark.parametrize("name", ["minilm-fixed-fanin", "minilm-meta", "minilm-head-tail"])
 def test_a_few_minilm_steps_lower_the_loss(tmp_path, name):
     """Six optimizer steps a run (48 real documents, batch 16, 2 epochs) with the config's optimizers,
     learning rates, schedules and SET rewiring: the second epoch's mean loss is below the first's, and the
