@@ -10,7 +10,8 @@ process loads the encoder with :meth:`xmc.encoders.TransformerEncoder.from_pretr
 embed`` and training take) and records its resident memory before loading (the interpreter, PyTorch and
 transformers) and after, the peak resident memory of one forward pass (``no_grad``, fp32, ``--batch``
 documents of ``--length`` tokens; the peak is reset after loading through ``/proc/self/clear_refs``, Linux
-only) and the median time of ``--repeats`` forward passes. The weights of a plain folder are mapped from
+only) and the median time of ``--repeats`` forward passes; each figure is the median over ``--processes``
+such processes. The weights of a plain folder are mapped from
 its file and become resident as the forward reads them, so compare peaks, not the memory after loading.
 FiPS layers rebuild each (r, I) factor densely per forward, or with ``--sparse-products`` multiply by it
 as a CSR matrix. Bytes on disk are the weight files (``model.safetensors``, plus ``fips.safetensors``). One
@@ -51,7 +52,14 @@ def measure(folder: str, batch: int, length: int, repeats: int, sparse: bool) ->
 
     FipsLinear.sparse_products = sparse
     torch.manual_seed(0)
-    torch.ones(64, 64) @ torch.ones(64, 64)  # start the thread pool before the baseline
+    # Before the baseline: the thread pool, and the modules loading imports (the architecture's module,
+    # safetensors, accelerate), so the difference is the model's
+    import accelerate  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    from transformers import AutoConfig, AutoModel
+
+    torch.ones(64, 64) @ torch.ones(64, 64)
+    AutoModel._model_mapping[type(AutoConfig.from_pretrained(folder, local_files_only=True))]
     baseline = resident_bytes()[0]  # the interpreter, PyTorch and transformers, no model
     encoder = TransformerEncoder.from_pretrained(folder).eval()
     vocab = encoder.model.config.vocab_size
@@ -87,6 +95,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--processes", type=int, default=3, help="fresh processes per encoder and setting (medians kept)"
+    )
     parser.add_argument(
         "--sparse-products",
         action="store_true",
@@ -127,13 +138,22 @@ def main() -> None:
                 env = {**os.environ}
                 if threshold is not None:
                     env["MALLOC_MMAP_THRESHOLD_"] = str(threshold)
-                done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+                runs = [
+                    json.loads(
+                        subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+                        .stdout.strip()
+                        .splitlines()[-1]
+                    )
+                    for _ in range(args.processes)
+                ]
                 row = {
                     "bench": "fips_memory",
                     "encoder": name,
                     "disk_bytes": sum((Path(folder) / f).stat().st_size for f in files),
                     "malloc_mmap_threshold": threshold,  # None: glibc's default (dynamic) threshold
-                    **json.loads(done.stdout.strip().splitlines()[-1]),
+                    # each measurement's median over the fresh processes
+                    **{key: statistics.median(run[key] for run in runs) for key in runs[0]},
+                    "processes": args.processes,
                     "batch": args.batch,
                     "length": args.length,
                     "sparsity": None if summary is None else args.sparsity,

@@ -98,7 +98,7 @@ def _batch(tokenizer, texts=("the cat sat", "a law on the mat dogs")):
 
 
 def test_patterns_pack_eight_entries_a_byte_and_unpack_exactly():
-    from xmc.compress.fips import pack_bits, unpack_bits
+    from xmc.compress.fips import leading_bits, pack_bits, unpack_bits
 
     mask = torch.tensor([1, 0, 1, 0, 0, 0, 0, 0, 1], dtype=torch.bool)
     assert pack_bits(mask).tolist() == [0b101, 1]  # bit b of byte j is entry 8 j + b; the rest padded
@@ -108,6 +108,8 @@ def test_patterns_pack_eight_entries_a_byte_and_unpack_exactly():
         packed = pack_bits(mask)
         assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
         assert torch.equal(unpack_bits(packed, mask.numel()).view(shape), mask)
+    for count, numel in [(0, 9), (5, 9), (8, 9), (9, 9), (17, 24)]:  # the layers' placeholder pattern
+        assert torch.equal(leading_bits(count, numel), pack_bits(torch.arange(numel) < count))
 
 
 def test_budget_rank_and_parameter_formula_by_hand():

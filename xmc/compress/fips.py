@@ -160,8 +160,18 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """The first ``numel`` entries :func:`pack_bits` packed, as a flat boolean tensor."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:numel].bool()
+    bits = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=packed.device)
+    return (packed.unsqueeze(1) & bits).view(-1)[:numel].ne(0)
+
+
+def leading_bits(count: int, numel: int) -> torch.Tensor:
+    """:func:`pack_bits` of a mask of ``numel`` entries whose first ``count`` are set, built byte by byte
+    (never the mask itself: layers are built before their factors load, and should cost nothing)."""
+    packed = torch.zeros(-(-numel // 8), dtype=torch.uint8)
+    packed[: count // 8] = 0xFF
+    if count % 8:
+        packed[count // 8] = (1 << (count % 8)) - 1
+    return packed
 
 
 class FipsLinear(nn.Module):
@@ -188,10 +198,12 @@ class FipsLinear(nn.Module):
         if not 0 <= nnz <= self.rank * width:
             raise ValueError(f"a ({self.rank}, {width}) factor cannot hold {nnz} nonzeros")
         self.in_features, self.out_features = (hidden, width) if kind == "first" else (width, hidden)
-        # A valid placeholder pattern (the first nnz entries in row-major order) until real factors load.
-        self.values = nn.Parameter(torch.zeros(nnz))
-        self.register_buffer("mask", pack_bits(torch.arange(self.rank * width) < nnz))
-        self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
+        # A valid placeholder pattern (the first nnz entries in row-major order) until real factors load,
+        # on the bases' device and in their dtype: on the meta device (a model being loaded), no memory.
+        like = {"device": bases[group].device, "dtype": bases[group].dtype}
+        self.values = nn.Parameter(torch.zeros(nnz, **like))
+        self.register_buffer("mask", leading_bits(nnz, self.rank * width))
+        self.bias = nn.Parameter(torch.zeros(self.out_features, **like)) if bias else None
 
     @property
     def base(self) -> torch.Tensor:
@@ -215,7 +227,7 @@ class FipsLinear(nn.Module):
     def factor(self) -> torch.Tensor:
         """V as a dense (r, I) tensor (zeros off the pattern), differentiable in ``values``."""
         bits = unpack_bits(self.mask, self.rank * self.width)
-        dense = self.values.new_zeros(self.rank * self.width).masked_scatter(bits, self.values)
+        dense = self.values.new_zeros(self.rank * self.width).masked_scatter_(bits, self.values)
         return dense.view(self.rank, self.width)
 
     def weight_matrix(self) -> torch.Tensor:
@@ -259,19 +271,21 @@ class FipsLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features)."""
-        base = self.base
+        base, lead, flat = self.base, x.shape[:-1], x.reshape(-1, x.shape[-1])  # (T, D) or (T, I)
         if self._sparse_path(x):
-            lead, flat = x.shape[:-1], x.reshape(-1, x.shape[-1])  # (T, D) or (T, I)
             factor = self.sparse_factor()
             if self.kind == "first":
                 y = (flat @ base) @ factor  # (T, r) @ CSR (r, I)
             else:
                 y = torch.sparse.mm(factor, flat.t()).t() @ base.t()  # (CSR (r, I) @ (I, T))^T @ (r, D)
-            y = y.reshape(*lead, y.shape[-1])
+            y = y if self.bias is None else y + self.bias
         else:
-            factor = self.factor()
-            y = (x @ base) @ factor if self.kind == "first" else (x @ factor.t()) @ base.t()
-        return y if self.bias is None else y + self.bias
+            inner, outer = (
+                (flat @ base, self.factor()) if self.kind == "first" else (flat @ self.factor().t(), base.t())
+            )
+            # the bias added inside the second product, as nn.Linear does: no second (T, out) tensor
+            y = inner @ outer if self.bias is None else torch.addmm(self.bias, inner, outer)
+        return y.reshape(*lead, y.shape[-1])
 
     def extra_repr(self) -> str:
         return (
