@@ -88,6 +88,22 @@ def measure(folder: str, batch: int, length: int, repeats: int, sparse: bool) ->
     }
 
 
+def measured(folder, args: argparse.Namespace, threshold: int | None) -> dict:
+    """Each measurement of :func:`measure`, its median over ``args.processes`` fresh processes, with
+    glibc's mmap threshold fixed at ``threshold`` (None: the default)."""
+    command = [sys.executable, __file__, "--measure", str(folder), "--batch", str(args.batch)]
+    command += ["--length", str(args.length), "--repeats", str(args.repeats)]
+    command += ["--sparse-products"] if args.sparse_products else []
+    env = {**os.environ}
+    if threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(threshold)
+    runs = []
+    for _ in range(args.processes):
+        done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25])
@@ -132,27 +148,12 @@ def main() -> None:
             )
         for name, (folder, files, summary) in encoders.items():
             for threshold in (None, MMAP_THRESHOLD):
-                command = [sys.executable, __file__, "--measure", str(folder), "--batch", str(args.batch)]
-                command += ["--length", str(args.length), "--repeats", str(args.repeats)]
-                command += ["--sparse-products"] if args.sparse_products else []
-                env = {**os.environ}
-                if threshold is not None:
-                    env["MALLOC_MMAP_THRESHOLD_"] = str(threshold)
-                runs = [
-                    json.loads(
-                        subprocess.run(command, capture_output=True, text=True, check=True, env=env)
-                        .stdout.strip()
-                        .splitlines()[-1]
-                    )
-                    for _ in range(args.processes)
-                ]
                 row = {
                     "bench": "fips_memory",
                     "encoder": name,
                     "disk_bytes": sum((Path(folder) / f).stat().st_size for f in files),
                     "malloc_mmap_threshold": threshold,  # None: glibc's default (dynamic) threshold
-                    # each measurement's median over the fresh processes
-                    **{key: statistics.median(run[key] for run in runs) for key in runs[0]},
+                    **measured(folder, args, threshold),
                     "processes": args.processes,
                     "batch": args.batch,
                     "length": args.length,
