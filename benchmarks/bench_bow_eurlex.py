@@ -30,14 +30,17 @@ RESULTS = Path(__file__).parent / "results" / "bow_eurlex57k.jsonl"
 STATE_PARTS = ("weights", "gradients", "optimizer", "master_weights", "indices")
 
 
-def classifier_state_bytes(config: Config, in_features: int, num_labels: int) -> int:
-    """The planner's classifier training state: weights, gradients, optimizer moments (and ids)."""
+def classifier_state_bytes(
+    config: Config, in_features: int, num_labels: int, classifier_type: str | None = None
+) -> int:
+    """The planner's classifier training state: weights, gradients, optimizer moments (and ids);
+    ``classifier_type`` overrides ``config.classifier.type`` (the dense twin over the same input)."""
     from xmc.classifiers import DenseClassifier, FixedFanInClassifier
 
     options = {"batch_size": config.train.batch_size, "optimizer": config.train.classifier_optimizer}
     if config.train.classifier_state == "bf16":  # as xmc.memory.planner: bf16 weights, gradients and moments
         options.update(param_bytes=2, optimizer="adamw-bf16")
-    if config.classifier.type == "fixed_fanin":
+    if (classifier_type or config.classifier.type) == "fixed_fanin":
         parts = FixedFanInClassifier.state_bytes(
             in_features, num_labels, fan_in=config.classifier.fan_in, **options
         )
@@ -65,11 +68,17 @@ def row_of(name: str, config: Config, metrics: dict) -> dict:
         "classifier_state": config.train.classifier_state,
         **{key: round(100 * dev[key], 2) for key in ("P@1", "P@3", "P@5", "nDCG@5", "RP@5", "PSP@5")},
         "carved_dev_P@1": round(100 * carved["P@1"], 2) if carved else None,
+        "carved_dev_P@5": round(100 * carved["P@5"], 2) if carved else None,
         "epochs": metrics["epochs"],
+        "loss": config.train.loss,
+        "classifier_lr": config.train.classifier_lr,
+        "classifier_weight_decay": config.train.classifier_weight_decay,
         "train_seconds": round(metrics["train_seconds"], 1),
         "peak_rss_bytes": metrics["peak_memory_bytes"].get("rss"),
         "classifier_bytes": metrics["classifier_bytes"],
         "classifier_state_bytes": classifier_state_bytes(config, width, num_labels),
+        # a dense classifier over the same input (for the fixed fan-in rows, the 200,000-wide TF-IDF vector)
+        "dense_twin_state_bytes": classifier_state_bytes(config, width, num_labels, "dense"),
     }
 
 
