@@ -27,26 +27,30 @@ from xmc.data.text import read_label_names
 from xmc.train.run import run_training
 
 RESULTS = Path(__file__).parent / "results" / "bow_eurlex57k.jsonl"
-STATE_PARTS = ("weights", "gradients", "optimizer", "master_weights", "indices")
+STATE_PARTS = ("weights", "parameters", "gradients", "optimizer", "master_weights", "indices", "ids")
 
 
 def classifier_state_bytes(
     config: Config, in_features: int, num_labels: int, classifier_type: str | None = None
 ) -> int:
-    """The planner's classifier training state: weights, gradients, optimizer moments (and ids);
-    ``classifier_type`` overrides ``config.classifier.type`` (the dense twin over the same input)."""
-    from xmc.classifiers import DenseClassifier, FixedFanInClassifier
+    """The memory planner's classifier-side training state: weights, gradients, optimizer moments and ids
+    of the classifier (a dense head and fixed fan-in tail included) and of the meta head or intermediate
+    layer; ``classifier_type`` overrides ``config.classifier.type`` (the dense twin over the same input)."""
+    import dataclasses
 
-    options = {"batch_size": config.train.batch_size, "optimizer": config.train.classifier_optimizer}
-    if config.train.classifier_state == "bf16":  # as xmc.memory.planner: bf16 weights, gradients and moments
-        options.update(param_bytes=2, optimizer="adamw-bf16")
-    if (classifier_type or config.classifier.type) == "fixed_fanin":
-        parts = FixedFanInClassifier.state_bytes(
-            in_features, num_labels, fan_in=config.classifier.fan_in, **options
-        )
-    else:
-        parts = DenseClassifier.state_bytes(in_features, num_labels, **options)
-    return sum(parts.get(key, 0) for key in STATE_PARTS)
+    from xmc.memory.planner import estimate, plan_from_config
+
+    name = classifier_type or config.classifier.type
+    plan = plan_from_config(config, num_labels, in_features)
+    if name != config.classifier.type:
+        plan = dataclasses.replace(plan, dense_head=0)  # the twin: one dense layer over all labels
+    total = 0
+    for key, value in estimate(plan, (name,))[name].items():
+        side, _, part = key.partition(" ")  # "classifier tail_weights", "head optimizer", ...
+        part = part.removeprefix("head_").removeprefix("tail_")  # a dense head's and a tail's parts
+        if side in ("classifier", "head") and part in STATE_PARTS:
+            total += value
+    return total
 
 
 def row_of(name: str, config: Config, metrics: dict) -> dict:
