@@ -69,6 +69,7 @@ def row_of(name: str, config: Config, metrics: dict) -> dict:
         "ngrams": config.encoder.ngrams,
         "vocab_size": config.encoder.vocab_size,
         "fan_in": config.classifier.fan_in if config.classifier.type == "fixed_fanin" else None,
+        "dense_head": config.classifier.dense_head,
         "classifier_state": config.train.classifier_state,
         **{key: round(100 * dev[key], 2) for key in ("P@1", "P@3", "P@5", "nDCG@5", "RP@5", "PSP@5")},
         "carved_dev_P@1": round(100 * carved["P@1"], 2) if carved else None,
