@@ -76,6 +76,7 @@ def row_of(name: str, config: Config, metrics: dict) -> dict:
         "carved_dev_P@5": round(100 * carved["P@5"], 2) if carved else None,
         "epochs": metrics["epochs"],
         "loss": config.train.loss,
+        "classifier_optimizer": config.train.classifier_optimizer,
         "classifier_lr": config.train.classifier_lr,
         "classifier_weight_decay": config.train.classifier_weight_decay,
         "train_seconds": round(metrics["train_seconds"], 1),
