@@ -117,9 +117,9 @@ def _backward_reference(grad_out, x, weight, indices, need_x, need_w, need_b, tr
     xa = x.to(acc)
     grad_x = torch.zeros((D, B), dtype=acc, device=x.device) if need_x else None
     grad_w = torch.empty((L, K), dtype=weight.dtype, device=weight.device) if need_w else None
-    sampled = D >= SAMPLED_WIDTH_RATIO * K
+    use_sampled = D >= SAMPLED_WIDTH_RATIO * K
     # Only the dense weight-gradient product holds (chunk, D) values; the sparse products hold slots.
-    step = _slot_chunk(K, 1 if sampled else D)
+    step = _slot_chunk(K, 1 if use_sampled else D)
     whole = transpose if step >= L else None
     for lo in range(0, L, step if (need_x or need_w) else L):
         hi = min(L, lo + step)
@@ -127,15 +127,15 @@ def _backward_reference(grad_out, x, weight, indices, need_x, need_w, need_b, tr
             grad_x += _columns_csr(weight[lo:hi], indices[lo:hi], D, acc, whole) @ g[:, lo:hi].t()
         if need_w:
             ids = indices[lo:hi].long()
-            if sampled:  # few slots per row: score only the slots (SDDMM)
+            if use_sampled:  # few slots per row: score only the slots (SDDMM)
                 pattern = _csr(
                     torch.arange(0, (hi - lo) * K + 1, K, device=x.device),
                     ids.reshape(-1),
                     torch.zeros((hi - lo) * K, dtype=acc, device=x.device),
                     (hi - lo, D),
                 )
-                sampled = torch.sparse.sampled_addmm(pattern, g[:, lo:hi].t().contiguous(), xa, beta=0.0)
-                grad_w[lo:hi] = sampled.values().view(hi - lo, K).to(weight.dtype)
+                slots = torch.sparse.sampled_addmm(pattern, g[:, lo:hi].t().contiguous(), xa, beta=0.0)
+                grad_w[lo:hi] = slots.values().view(hi - lo, K).to(weight.dtype)
             else:
                 dense = g[:, lo:hi].t() @ xa  # (chunk, D)
                 grad_w[lo:hi] = dense.gather(1, ids).to(weight.dtype)

@@ -347,11 +347,19 @@ def test_reference_matches_dense(shape, dtype):
     assert_close(grad_b, gb_ref, tol, "grad_b")
 
 
-def test_reference_chunks(monkeypatch):
-    """A tiny chunk budget (several chunks, a ragged last one) gives the same result as one chunk."""
-    layer = random_layer(3, 17, 70, 4, torch.int16, dtype=torch.float64, device="cpu")
-    monkeypatch.setattr(ffr, "REFERENCE_CHUNK_ELEMENTS", 17 * 9)  # 9 labels per chunk: 8 chunks, last has 7
-    assert ffr._slot_chunk(4, 17) == 9
+@pytest.mark.parametrize(
+    "width, budget",
+    [(17, 17 * 9), (80, 4 * 9)],  # D < 16 K: dense weight-gradient product; D >= 16 K: sampled (SDDMM)
+    ids=["dense-wgrad", "sampled-wgrad"],
+)
+def test_reference_chunks(width, budget, monkeypatch):
+    """A tiny chunk budget (several chunks, a ragged last one) gives the same result as one chunk, on
+    both weight-gradient paths (a second chunk on the sampled one once failed: EURLEX57K at K = 4,096)."""
+    layer = random_layer(3, width, 70, 4, torch.int16, dtype=torch.float64, device="cpu")
+    monkeypatch.setattr(ffr, "REFERENCE_CHUNK_ELEMENTS", budget)  # 9 labels per chunk: 8 chunks, last has 7
+    sampled = width >= ffr.SAMPLED_WIDTH_RATIO * 4
+    assert sampled == (width == 80)
+    assert ffr._slot_chunk(4, 1 if sampled else width) == 9
     out_ref, gx_ref, gw_ref, gb_ref = dense_oracle(layer)
     out = ffr.fixed_fanin_forward_reference(layer.x, layer.weight, layer.indices, layer.bias)
     grads = ffr.fixed_fanin_backward_reference(layer.grad_out, layer.x, layer.weight, layer.indices)
