@@ -152,7 +152,10 @@ class TrainConfig:
     clip_grad_norm: float = 1.0  # on the gradient of the mean over B x L pairs, a spike guard; 0 disables it
     precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp32), no, bf16 or fp16
     eval_every: int = 1  # epochs between dev evaluations
-    patience: int = 0  # stop after this many evaluations without dev P@1 improving (0 = never)
+    # The dev metric that keeps the best model (best.safetensors) and that patience watches: P@k, nDCG@k,
+    # R@k or RP@k for k = 1, 3, 5
+    select: str = "P@1"
+    patience: int = 0  # stop after this many evaluations without the select metric improving (0 = never)
     eval_batch_size: int = 256
     save_every: int = 0  # also checkpoint every this many optimizer steps (0 = only at evaluations)
     device: str = "auto"  # auto (CUDA when present), cpu or cuda
@@ -192,6 +195,7 @@ CHOICES = {
     "train.precision": ("auto", "no", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.parallel": ("data", "labels"),
+    "train.select": tuple(f"{m}@{k}" for m in ("P", "nDCG", "R", "RP") for k in (1, 3, 5)),
 }
 PATH_KEYS = ("data.train", "data.dev", "data.test", "data.labels", "data.exclude_test")
 

@@ -320,6 +320,25 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, synth_data):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_select_keeps_the_model_with_the_best_dev_metric_and_binds_the_run(tmp_path, synth_data):
+    """train.select=P@5 keeps the evaluation with the highest dev P@5 (metrics.json's dev scores are the
+    kept model's); resuming that run with another select metric is refused, naming the fix."""
+    config = _config(
+        tmp_path,
+        synth_data,
+        dev_fraction=0.25,
+        overrides=["train.select=P@5", "train.epochs=4", "train.save_every=3"],
+    )
+    metrics = run_training(config, str(tmp_path / "run"), progress=False)
+    by_epoch = [h["dev/P@5"] for h in metrics["history"] if "dev/P@5" in h]
+    assert len(by_epoch) == 4
+    assert metrics["dev"]["P@5"] == pytest.approx(max(by_epoch))
+    (tmp_path / "run" / "metrics.json").unlink()
+    other = _config(tmp_path, synth_data, dev_fraction=0.25, overrides=["train.select=P@1", "train.epochs=5"])
+    with pytest.raises(ValueError, match="keeps its best model by dev P@5.*resume with train.select=P@5"):
+        run_training(other, str(tmp_path / "run"), resume=True, progress=False)
+
+
 def test_fixed_fanin_over_the_raw_tfidf_vector(tmp_path, synth_data):
     """encoder.dim=0: the TF-IDF vector itself feeds fixed fan-in (no encoder parameters); it learns."""
     config = _config(

@@ -7,8 +7,8 @@ ids and optimizer state untouched; fp16 lowers the loss scale), and ``MAX_BAD_ST
 steps in a row stop the run with the last good checkpoint intact. After each optimizer step the
 schedules advance and the fixed fan-in layers rewire when due
 (:mod:`xmc.sparse.rewiring`). Every ``eval_every`` epochs the dev split is scored, the
-best model is kept in ``best/``, and a checkpoint is written; ``patience`` evaluations without
-improvement stop training.
+best model by ``select`` (dev P@1 unless set) is kept in ``best.safetensors``, and a checkpoint is
+written; ``patience`` evaluations without improvement stop training.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ class Position:
     epoch: int = 0
     micro: int = 0  # next micro-batch of the epoch
     step: int = 0  # optimizer steps done
-    best: float = -1.0  # best dev P@1
+    best: float = -1.0  # best dev value of the select metric
+    select: str = "P@1"  # train.select of the run: the metric that best holds
     evals_since_best: int = 0
     skipped: int = 0
     history: list = field(default_factory=list)
@@ -175,7 +176,7 @@ def train(recipe: Recipe, resume: bool = False) -> Position:
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _schedule(t.warmup, total_steps)) for o in optimizers]
     scaler = par.grad_scaler(device.type, enabled=precision == "fp16")
     rewiring = Rewiring(config, model, total_steps, optimizers)
-    pos = Position()
+    pos = Position(select=t.select)
     if resume and (folder := latest_checkpoint(run_dir)) is not None:
         state = par.load_checkpoint(folder, model)  # whole-label layout: any world size resumes it
         for o, s in zip(optimizers, state["optimizers"], strict=True):
@@ -188,7 +189,13 @@ def train(recipe: Recipe, resume: bool = False) -> Position:
         torch.set_rng_state(state["rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
-        pos = Position(**state["position"])
+        pos = Position(**{"select": "P@1", **state["position"]})  # runs from before train.select: P@1
+        if pos.select != t.select and pos.best >= 0:
+            raise ValueError(
+                f"{run_dir} keeps its best model by dev {pos.select} and this config asks for {t.select}: "
+                f"resume with train.select={pos.select}, or start a new run to select by {t.select}"
+            )
+        pos.select = t.select
         log.info("resumed from %s at epoch %d, step %d", folder, pos.epoch, pos.step)
 
     def rng_states() -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -367,7 +374,7 @@ def train(recipe: Recipe, resume: bool = False) -> Position:
             save()
             midway = False
             if early_stop:
-                log.info("stopping early: dev P@1 has not improved for %d evaluations", t.patience)
+                log.info("stopping early: dev %s has not improved for %d evaluations", t.select, t.patience)
                 break
     except KeyboardInterrupt:
         interrupted = True
@@ -410,22 +417,18 @@ def _evaluate(recipe: Recipe, pos: Position, writer) -> bool:
     """Score dev, keep the best model; True when early stopping should end training."""
     config, par, run_dir = recipe.config, recipe.parallel, recipe.run_dir
     metrics = recipe.evaluate(recipe.data.splits["dev"])
-    p1 = metrics["P@1"]
+    score = metrics[config.train.select]
     pos.history[-1].update({f"dev/{k}": v for k, v in metrics.items()})
     if writer is not None:
         for key, value in metrics.items():
             writer.add_scalar(f"dev/{key}", value, pos.step)
-    improved = p1 > pos.best
-    log.info(
-        "epoch %d: dev P@1 %.2f P@3 %.2f P@5 %.2f%s",
-        pos.epoch,
-        100 * p1,
-        100 * metrics["P@3"],
-        100 * metrics["P@5"],
-        " (best)" if improved else "",
+    improved = score > pos.best
+    shown = ", ".join(
+        f"{key} {100 * metrics[key]:.2f}" for key in dict.fromkeys(("P@1", "P@3", "P@5", config.train.select))
     )
+    log.info("epoch %d: dev %s%s", pos.epoch, shown, f" (best {config.train.select})" if improved else "")
     if improved:
-        pos.best, pos.evals_since_best = p1, 0
+        pos.best, pos.evals_since_best = score, 0
         par.save_model(recipe.model, run_dir / "best.safetensors")
     else:
         pos.evals_since_best += 1
