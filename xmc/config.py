@@ -123,6 +123,9 @@ class ClassifierConfig:
     # log-odds, so BCE starts at the label frequencies instead of first pushing every logit down
     ids: str = "random"  # fixed fan-in's initial ids: random, or centroid (each label's K strongest input
     # coordinates in its training documents' summed inputs; needs fixed inputs: bow with dim 0, or features)
+    # ids=centroid: what takes the slots of a label whose documents have fewer than K distinct inputs:
+    # random ids, or frequent (the inputs of largest total magnitude over the training documents)
+    centroid_fill: str = "random"
     set: SETOptions = field(default_factory=SETOptions)
     meta: MetaConfig = field(default_factory=MetaConfig)
     rps: RPSOptions = field(default_factory=RPSOptions)
@@ -184,6 +187,7 @@ CHOICES = {
     "encoder.weighting": ("tfidf", "log1p"),
     "classifier.type": ("dense", "fixed_fanin", "rps"),
     "classifier.ids": ("random", "centroid"),
+    "classifier.centroid_fill": ("random", "frequent"),
     "classifier.label_order": ("id", "semantic"),
     "classifier.bias_init": ("uniform", "prior"),
     "classifier.set.prune": ("fraction", "threshold"),

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import torch
 
 from xmc.nn import FixedFanInLinear
-from xmc.sparse.centroid import centroid_ids, init_centroid_ids
+from xmc.sparse.centroid import centroid_ids, frequent_fill, init_centroid_ids
 
 
 def _case():
@@ -61,6 +61,43 @@ def test_layer_gets_centroid_ids_and_distinct_random_fills():
         assert len(set(row.tolist())) == 3 and 0 <= int(row.min()) and int(row.max()) < 6
     assert report["filled"] == pytest.approx(4 / 12)
     assert torch.equal(layer.weight, weight)  # only the ids change
+
+
+def test_frequent_fill_by_hand():
+    X, Y = _case()
+    # Column mass |X|.sum(0) = [1.2 .5 .3 0 .7 .4]: order 0, 4, 1, 5, 2, 3.
+    ids = centroid_ids(sp.csr_matrix(X), Y, 3)
+    filled = frequent_fill(ids, sp.csr_matrix(X))
+    assert filled.tolist() == [[0, 1, 5], [0, 4, 5], [0, 4, 1], [0, 4, 1]]
+    np.testing.assert_array_equal(frequent_fill(ids, X), filled)  # dense inputs alike
+    layer = FixedFanInLinear(6, 4, 3, seed=5)
+    report = init_centroid_ids(layer, sp.csr_matrix(X), Y, fill="frequent")
+    assert layer.indices.long().tolist() == filled.tolist()
+    assert report["filled"] == pytest.approx(4 / 12)
+
+
+def test_frequent_fill_keeps_the_picks_and_adds_the_heaviest_missing_columns():
+    rng = np.random.default_rng(3)
+    X = sp.random(200, 500, density=0.02, random_state=4, dtype=np.float32).tocsr()
+    Y = sp.csr_matrix((rng.random((200, 90)) < 0.02).astype(np.float32))
+    K = 40
+    ids = centroid_ids(X, Y, K)
+    assert (ids < 0).any(axis=1).sum() > 30  # many rows need filling, some not at all
+    filled = frequent_fill(ids, X)
+    mass = np.asarray(abs(X).sum(axis=0)).ravel()
+    order = np.argsort(-mass, kind="stable")
+    for row in range(ids.shape[0]):
+        n = int((ids[row] >= 0).sum())
+        assert filled[row, :n].tolist() == ids[row, :n].tolist()  # the row's own picks stay, in place
+        assert len(set(filled[row].tolist())) == K
+        missing = [c for c in order if c not in set(ids[row, :n].tolist())][: K - n]
+        assert filled[row, n:].tolist() == missing
+
+
+def test_an_unknown_fill_is_refused():
+    X, Y = _case()
+    with pytest.raises(ValueError, match="fill must be random or frequent"):
+        init_centroid_ids(FixedFanInLinear(6, 4, 3), sp.csr_matrix(X), Y, fill="zeros")
 
 
 def test_wrong_shapes_are_refused():

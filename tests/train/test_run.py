@@ -354,17 +354,20 @@ def test_fixed_fanin_over_the_raw_tfidf_vector(tmp_path, synth_data):
     assert predictor.model.encoder.out_features == 300  # the synthetic set's features
 
 
-def test_centroid_ids_over_the_raw_tfidf_vector(tmp_path, synth_data):
+@pytest.mark.parametrize("fill", ["random", "frequent"])
+def test_centroid_ids_over_the_raw_tfidf_vector(tmp_path, synth_data, fill):
     """classifier.ids=centroid: the initial ids are each label's strongest TF-IDF features; with the
-    SET rewiring off they are the trained model's ids, and the run learns."""
+    SET rewiring off they are the trained model's ids, and the run learns. centroid_fill=frequent fills
+    the other slots with the heaviest TF-IDF columns."""
     from xmc.data.bow import read_bow
     from xmc.encoders import fit_idf, tfidf
-    from xmc.sparse.centroid import centroid_ids
+    from xmc.sparse.centroid import centroid_ids, frequent_fill
 
     overrides = [
         "encoder.dim=0",
-        "classifier.fan_in=16",
+        "classifier.fan_in=64",  # 5 of the 60 labels have fewer than 64 distinct features: filled
         "classifier.ids=centroid",
+        f"classifier.centroid_fill={fill}",
         "classifier.set.enabled=false",
     ]
     config = _config(tmp_path, synth_data, overrides=[*overrides, "classifier.bias_init=prior"])
@@ -372,11 +375,13 @@ def test_centroid_ids_over_the_raw_tfidf_vector(tmp_path, synth_data):
     losses = _losses(metrics)
     assert losses[-1] < losses[0], losses
     X, Y = read_bow(synth_data / "train.txt")
-    ids = centroid_ids(tfidf(X, fit_idf(X)), Y, 16)
+    ids = centroid_ids(tfidf(X, fit_idf(X)), Y, 64)
     trained = load_file(str(tmp_path / "run" / "best.safetensors"))["classifier.layer.indices"].long().numpy()
     picked = ids >= 0
-    assert picked.mean() > 0.5 and (trained[picked] == ids[picked]).all()
-
+    assert picked.mean() > 0.5 and (trained[picked] == ids[picked]).all() and not picked.all()
+    assert (fill == "frequent") == (trained == frequent_fill(ids, tfidf(X, fit_idf(X)))).all()
+    if fill == "frequent":
+        return
     bad = _config(tmp_path, synth_data, overrides=["classifier.ids=centroid"])  # a learned projection
     with pytest.raises(ValueError, match="encoder.dim=0"):
         run_training(bad, str(tmp_path / "bad"), progress=False)

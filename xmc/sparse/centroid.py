@@ -8,10 +8,16 @@ in the sum of its training documents' input rows (the label centroid of PIFA, po
 feature aggregation). For TF-IDF rows those are the words most typical of the label's documents.
 
 Labels whose centroid has fewer than K nonzeros (few or no training documents) fill their remaining
-slots with the layer's usual hashed random ids, distinct within the row. Only the ids change; weights
-keep their initialization. The inputs must be what the classifier sees during training: the TF-IDF
-vector itself (``encoder.type=bow``, ``encoder.dim=0``) or precomputed embeddings
-(``encoder.type=features``), since a learned encoder would move the coordinates under the ids.
+slots with the layer's usual hashed random ids, distinct within the row (``classifier.centroid_fill=
+random``), or with the inputs of largest total magnitude over all training documents that the row lacks
+(``frequent``): most terms of a large vocabulary are rare, so a random slot seldom sees a nonzero input
+and seldom learns, while a frequent term occurs in many documents and can learn evidence for or against
+the label (a hypothesis: the default stays ``random`` until measured). Only the ids change; weights
+keep their initialization.
+
+The inputs must be what the classifier sees during training: the TF-IDF vector itself
+(``encoder.type=bow``, ``encoder.dim=0``) or precomputed embeddings (``encoder.type=features``), since a
+learned encoder would move the coordinates under the ids.
 """
 
 from __future__ import annotations
@@ -60,6 +66,44 @@ def centroid_ids(X: sp.spmatrix | np.ndarray, Y: sp.spmatrix, fan_in: int) -> np
     return ids
 
 
+def frequent_fill(ids: np.ndarray, X: sp.spmatrix | np.ndarray) -> np.ndarray:
+    """Fill the -1 slots of :func:`centroid_ids`' output with the columns of largest total |X|.
+
+    Each row takes, in order of decreasing column mass (ties to the lower column), the first columns
+    it does not already hold. The first K columns of that order always hold enough: at most the row's
+    n picks are among them, and it needs K - n.
+
+    Args:
+        ids: int64 (L, K) as :func:`centroid_ids` returns it (picks first in column order, then -1).
+        X: (N, D) the training inputs the picks came from.
+
+    Returns:
+        int64 (L, K) without -1, every row's ids distinct.
+    """
+    num_labels, fan_in = ids.shape
+    width = X.shape[1]
+    mass = np.asarray(abs(X).sum(axis=0) if sp.issparse(X) else np.abs(X).sum(axis=0), np.float64).ravel()
+    order = np.argsort(-mass, kind="stable")[:fan_in].astype(np.int64)
+    found = (ids >= 0).sum(axis=1)
+    out = ids.copy()
+    rows = np.flatnonzero(found < fan_in)
+    step = max(1, _BLOCK_ELEMENTS // fan_in)
+    for start in range(0, len(rows), step):
+        block = rows[start : start + step]
+        picks = np.where(ids[block] >= 0, ids[block], width)  # sorted within each row, absent last
+        offset = (np.arange(len(block), dtype=np.int64) * (width + 1))[:, None]
+        flat = (picks + offset).ravel()  # globally sorted: rows in turn, columns in order
+        wanted = order[None, :] + offset
+        at = np.minimum(np.searchsorted(flat, wanted), flat.size - 1)
+        free = flat[at] != wanted  # candidate columns the row does not hold yet
+        rank = np.cumsum(free, axis=1) - 1
+        need = (fan_in - found[block])[:, None]
+        take = free & (rank < need)
+        r, c = np.nonzero(take)
+        out[block[r], found[block][r] + rank[r, c]] = order[c]
+    return out
+
+
 def _sparse_top(S: sp.csr_matrix, fan_in: int) -> np.ndarray:
     """Top-``fan_in`` |entries| per row of a sparse (L, D) matrix, without a Python loop over rows."""
     S.sum_duplicates()
@@ -83,12 +127,17 @@ def _sparse_top(S: sp.csr_matrix, fan_in: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def init_centroid_ids(layer, X: sp.spmatrix | np.ndarray, Y: sp.spmatrix) -> dict[str, float]:
+def init_centroid_ids(
+    layer, X: sp.spmatrix | np.ndarray, Y: sp.spmatrix, fill: str = "random"
+) -> dict[str, float]:
     """Set a :class:`~xmc.nn.FixedFanInLinear`'s ids to its labels' centroid picks (module docstring).
 
-    ``X`` (N, D) and ``Y`` (N, L) cover the layer's whole label range (``layer.row_offset`` 0).
-    Returns ``{"filled": share of slots that fell back to random ids}``.
+    ``X`` (N, D) and ``Y`` (N, L) cover the layer's whole label range (``layer.row_offset`` 0);
+    ``fill``: ``random`` or ``frequent``, what takes the slots a label's centroid cannot.
+    Returns ``{"filled": share of slots not taken by the label's own centroid}``.
     """
+    if fill not in ("random", "frequent"):
+        raise ValueError(f"fill must be random or frequent, got {fill!r}")
     if Y.shape[1] != layer.out_features or X.shape[1] != layer.in_features:
         raise ValueError(
             f"centroid ids need inputs of width {layer.in_features} and {layer.out_features} labels, "
@@ -99,10 +148,13 @@ def init_centroid_ids(layer, X: sp.spmatrix | np.ndarray, Y: sp.spmatrix) -> dic
         assign = sp.csr_matrix((np.ones(Y.shape[1], np.float32), (np.arange(Y.shape[1]), groups)))
         Y = sp.csr_matrix(Y, dtype=np.float32) @ assign
     ids = centroid_ids(X, Y, layer.fan_in)
-    fill = torch.from_numpy(ids < 0)
-    rows = layer.global_rows(0, layer.indices.shape[0]).cpu()
-    drawn = fill_distinct(
-        torch.from_numpy(ids).clamp(min=0), fill, rows, layer.in_features, (layer.seed, INIT_IDS)
-    )
+    empty = torch.from_numpy(ids < 0)
+    if fill == "frequent":
+        drawn = torch.from_numpy(frequent_fill(ids, X))
+    else:
+        rows = layer.global_rows(0, layer.indices.shape[0]).cpu()
+        drawn = fill_distinct(
+            torch.from_numpy(ids).clamp(min=0), empty, rows, layer.in_features, (layer.seed, INIT_IDS)
+        )
     layer.indices.copy_(drawn.to(layer.indices.dtype))
-    return {"filled": float(fill.float().mean())}
+    return {"filled": float(empty.float().mean())}

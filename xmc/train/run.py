@@ -120,11 +120,12 @@ def _centroid_ids(config: Config, model: XMCModel, data, inputs) -> None:
         from xmc.classifiers.head_tail import sp_columns
 
         Y = sp_columns(Y, classifier.order[classifier.head_size :].numpy())
-    report = init_centroid_ids(classifier.layer, X, Y)
+    report = init_centroid_ids(classifier.layer, X, Y, cfg.centroid_fill)
     log.info(
-        "centroid ids in %.1f s; %.1f%% of slots drawn at random (labels with fewer than K features)",
+        "centroid ids in %.1f s; %.1f%% of slots filled with %s (labels with fewer than K features)",
         time.perf_counter() - started,
         100 * report["filled"],
+        "random ids" if cfg.centroid_fill == "random" else "the most frequent inputs",
     )
 
 
