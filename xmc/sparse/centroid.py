@@ -80,8 +80,7 @@ def frequent_fill(ids: np.ndarray, X: sp.spmatrix | np.ndarray) -> np.ndarray:
     Returns:
         int64 (L, K) without -1, every row's ids distinct.
     """
-    num_labels, fan_in = ids.shape
-    width = X.shape[1]
+    fan_in, width = ids.shape[1], X.shape[1]
     mass = np.asarray(abs(X).sum(axis=0) if sp.issparse(X) else np.abs(X).sum(axis=0), np.float64).ravel()
     order = np.argsort(-mass, kind="stable")[:fan_in].astype(np.int64)
     found = (ids >= 0).sum(axis=1)
