@@ -375,11 +375,12 @@ def test_centroid_ids_over_the_raw_tfidf_vector(tmp_path, synth_data, fill):
     losses = _losses(metrics)
     assert losses[-1] < losses[0], losses
     X, Y = read_bow(synth_data / "train.txt")
-    ids = centroid_ids(tfidf(X, fit_idf(X)), Y, 64)
+    inputs = tfidf(X, fit_idf(X))
+    ids = centroid_ids(inputs, Y, 64)
     trained = load_file(str(tmp_path / "run" / "best.safetensors"))["classifier.layer.indices"].long().numpy()
     picked = ids >= 0
     assert picked.mean() > 0.5 and (trained[picked] == ids[picked]).all() and not picked.all()
-    assert (fill == "frequent") == (trained == frequent_fill(ids, tfidf(X, fit_idf(X)))).all()
+    assert (fill == "frequent") == (trained == frequent_fill(ids, inputs)).all()
     if fill == "frequent":
         return
     bad = _config(tmp_path, synth_data, overrides=["classifier.ids=centroid"])  # a learned projection

@@ -189,7 +189,7 @@ def train(recipe: Recipe, resume: bool = False) -> Position:
         torch.set_rng_state(state["rng"])
         if device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], device)
-        pos = Position(**{"select": "P@1", **state["position"]})  # runs from before train.select: P@1
+        pos = Position(**state["position"])  # a run from before train.select takes the default, P@1
         if pos.select != t.select and pos.best >= 0:
             raise ValueError(
                 f"{run_dir} keeps its best model by dev {pos.select} and this config asks for {t.select}: "
