@@ -4,10 +4,12 @@ in one folder. Each test names the probe it answers (docs/faults.md lists the pr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -165,6 +167,31 @@ def test_resuming_a_finished_run_keeps_its_metrics(finished_run, config_file):
     assert after["examples_per_second"] == pytest.approx(before["examples_per_second"], rel=0.05)
     assert after["examples_per_second"] > 0 and after["test"] == before["test"]
     assert after["history"] == before["history"]
+
+
+def test_a_resumed_run_logs_the_speed_of_its_own_session(tmp_path, config_file, caplog):
+    """The examples/s a resumed run logged counted the documents of the sessions before it as well
+    (3,906 examples/s logged just after resuming a 51 examples/s run). Steps here take at least 50 ms,
+    so no true rate exceeds 40 documents / 0.05 s = 800 a second."""
+    run = tmp_path / "run"
+    handle = _interrupt_after_update(20, "signal")  # step 10 of 12: 400 documents before the resume
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_training(load_config(config_file), str(run), progress=False)
+    finally:
+        handle.remove()
+    with caplog.at_level(logging.INFO, logger="xmc.train.loop"):
+        run_training(
+            load_config(run / "config.yaml"),
+            str(run),
+            resume=True,
+            progress=True,  # not a terminal under pytest: plain log lines
+            step_hook=lambda *args: time.sleep(0.05),
+        )
+    rates = [
+        float(r.getMessage().split(", ")[-1].split()[0]) for r in caplog.records if "examples/s" in r.message
+    ]
+    assert rates and max(rates) <= 800
 
 
 def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path, config_file):

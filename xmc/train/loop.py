@@ -243,6 +243,10 @@ def train(recipe: Recipe, resume: bool = False) -> Position:
         if examples > examples_before:
             pos.train_seconds = seconds_before + time.perf_counter() - started
 
+    def rate() -> float:
+        """This session's documents a second (a resumed run's earlier documents took earlier time)."""
+        return (examples - examples_before) / max(time.perf_counter() - started, 1e-9)
+
     def save(rng=None, wait: bool = True) -> None:
         """Bring the position's totals up to now and checkpoint, unless nothing moved since the last."""
         nonlocal saved
@@ -332,8 +336,7 @@ def train(recipe: Recipe, resume: bool = False) -> Position:
                     )
                 if finite and pos.step % 20 == 0:
                     value = float(loss_sum)
-                    rate = examples / max(time.perf_counter() - started, 1e-9)
-                    bar.set_postfix(loss=f"{value:.4g}", ex_s=f"{rate:.0f}", mem=peak_memory_label(device))
+                    bar.set_postfix(loss=f"{value:.4g}", ex_s=f"{rate():.0f}", mem=peak_memory_label(device))
                     if writer is not None:
                         writer.add_scalar("train/loss", value, pos.step)
                         group = optimizers[-1].param_groups[0]  # its lr as configured (per label for SGD)
@@ -341,9 +344,7 @@ def train(recipe: Recipe, resume: bool = False) -> Position:
                             "train/lr_classifier", group["lr"] / group.get("lr_scale", 1), pos.step
                         )
                 if logged is not None:
-                    logged.maybe(
-                        pos, t.epochs, epoch_loss, examples / max(time.perf_counter() - started, 1e-9)
-                    )
+                    logged.maybe(pos, t.epochs, epoch_loss, rate())
                 if t.save_every and finite and pos.step % t.save_every == 0:
                     save()
             bar.close()
