@@ -124,7 +124,8 @@ class ClassifierConfig:
     ids: str = "random"  # fixed fan-in's initial ids: random, or centroid (each label's K strongest input
     # coordinates in its training documents' summed inputs; needs fixed inputs: bow with dim 0, or features)
     # ids=centroid: what takes the slots of a label whose documents have fewer than K distinct inputs:
-    # random ids, or frequent (the inputs of largest total magnitude over the training documents)
+    # random ids, frequent (the inputs of largest total magnitude over the training documents), or
+    # related (first the heaviest inputs its most co-occurring labels' documents hold and its own lack)
     centroid_fill: str = "random"
     set: SETOptions = field(default_factory=SETOptions)
     meta: MetaConfig = field(default_factory=MetaConfig)
@@ -187,7 +188,7 @@ CHOICES = {
     "encoder.weighting": ("tfidf", "log1p"),
     "classifier.type": ("dense", "fixed_fanin", "rps"),
     "classifier.ids": ("random", "centroid"),
-    "classifier.centroid_fill": ("random", "frequent"),
+    "classifier.centroid_fill": ("random", "frequent", "related"),
     "classifier.label_order": ("id", "semantic"),
     "classifier.bias_init": ("uniform", "prior"),
     "classifier.set.prune": ("fraction", "threshold"),

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 import torch
 
 from xmc.nn import FixedFanInLinear
-from xmc.sparse.centroid import centroid_ids, frequent_fill, init_centroid_ids
+from xmc.sparse.centroid import centroid_ids, frequent_fill, init_centroid_ids, related_fill
 
 
 def _case():
@@ -94,9 +94,61 @@ def test_frequent_fill_keeps_the_picks_and_adds_the_heaviest_missing_columns():
         assert filled[row, n:].tolist() == missing
 
 
+def test_related_fill_by_hand():
+    X, Y = _case()
+    # Label 2 (document d2) needs one slot; its one co-occurring label is 1 (d2 again), whose mean
+    # document (d0 + d2) / 2 = [.6 0 .05 0 .35 .2] holds columns 2 and 5 besides label 2's own 0 and 4:
+    # column 5 (0.2) is taken, where the frequent fill would take column 1. Label 3 has no document, so
+    # no related labels: the frequent fill takes all its slots.
+    ids = centroid_ids(sp.csr_matrix(X), Y, 3)
+    related = related_fill(ids, sp.csr_matrix(X), Y)
+    assert related.tolist() == [[0, 1, 5], [0, 4, 5], [0, 4, 5], [-1, -1, -1]]
+    np.testing.assert_array_equal(related_fill(ids, X, Y), related)  # dense inputs alike
+    layer = FixedFanInLinear(6, 4, 3, seed=5)
+    report = init_centroid_ids(layer, sp.csr_matrix(X), Y, fill="related")
+    assert layer.indices.long().tolist() == [[0, 1, 5], [0, 4, 5], [0, 4, 5], [0, 4, 1]]
+    assert report["filled"] == pytest.approx(4 / 12)
+
+
+def test_related_fill_matches_a_direct_computation():
+    rng = np.random.default_rng(7)
+    X = sp.random(300, 400, density=0.02, random_state=8, dtype=np.float32).tocsr()
+    Y = sp.csr_matrix((rng.random((300, 60)) < 0.04).astype(np.float32))
+    K, m = 120, 4
+    ids = centroid_ids(X, Y, K)
+    got = related_fill(ids, X, Y, neighbours=m)
+    Xd, Yd = X.toarray().astype(np.float64), Y.toarray()
+    shared = Yd.T @ Yd
+    docs = Yd.sum(axis=0)
+    changed = 0
+    for label in range(Yd.shape[1]):
+        n = int((ids[label] >= 0).sum())
+        own = set(ids[label, :n].tolist())
+        if n == K:
+            assert got[label].tolist() == ids[label].tolist()
+            continue
+        others = [j for j in range(Yd.shape[1]) if j != label and shared[label, j] > 0]
+        others = sorted(others, key=lambda j: (-shared[label, j], j))[:m]
+        mass = np.zeros(X.shape[1])
+        for j in others:
+            mass += shared[label, j] / docs[j] * Xd[Yd[:, j] > 0].sum(axis=0)
+        picks = [
+            c for c in sorted(range(X.shape[1]), key=lambda c: (-mass[c], c)) if mass[c] > 0 and c not in own
+        ]
+        want = ids[label, :n].tolist() + sorted(picks[: K - n])  # own picks in place, then related
+        assert got[label, : len(want)].tolist() == want, label
+        assert (got[label, len(want) :] == -1).all()
+        changed += len(want) > n
+        # the added columns never occur in the label's own documents
+        assert not (Xd[Yd[:, label] > 0][:, want[n:]] != 0).any()
+    assert changed > 20  # most labels that need filling get related columns
+    filled = frequent_fill(got, X)
+    assert all(len(set(row.tolist())) == K for row in filled) and filled.min() >= 0
+
+
 def test_an_unknown_fill_is_refused():
     X, Y = _case()
-    with pytest.raises(ValueError, match="fill must be random or frequent"):
+    with pytest.raises(ValueError, match="fill must be one of random, frequent, related"):
         init_centroid_ids(FixedFanInLinear(6, 4, 3), sp.csr_matrix(X), Y, fill="zeros")
 
 

@@ -354,14 +354,14 @@ def test_fixed_fanin_over_the_raw_tfidf_vector(tmp_path, synth_data):
     assert predictor.model.encoder.out_features == 300  # the synthetic set's features
 
 
-@pytest.mark.parametrize("fill", ["random", "frequent"])
+@pytest.mark.parametrize("fill", ["random", "frequent", "related"])
 def test_centroid_ids_over_the_raw_tfidf_vector(tmp_path, synth_data, fill):
     """classifier.ids=centroid: the initial ids are each label's strongest TF-IDF features; with the
     SET rewiring off they are the trained model's ids, and the run learns. centroid_fill=frequent fills
-    the other slots with the heaviest TF-IDF columns."""
+    the other slots with the heaviest TF-IDF columns, related first with its co-occurring labels'."""
     from xmc.data.bow import read_bow
     from xmc.encoders import fit_idf, tfidf
-    from xmc.sparse.centroid import centroid_ids, frequent_fill
+    from xmc.sparse.centroid import centroid_ids, frequent_fill, related_fill
 
     overrides = [
         "encoder.dim=0",
@@ -381,7 +381,9 @@ def test_centroid_ids_over_the_raw_tfidf_vector(tmp_path, synth_data, fill):
     picked = ids >= 0
     assert picked.mean() > 0.5 and (trained[picked] == ids[picked]).all() and not picked.all()
     assert (fill == "frequent") == (trained == frequent_fill(ids, inputs)).all()
-    if fill == "frequent":
+    related = frequent_fill(related_fill(ids, inputs, Y), inputs)
+    assert (fill == "related") == (trained == related).all()
+    if fill != "random":
         return
     bad = _config(tmp_path, synth_data, overrides=["classifier.ids=centroid"])  # a learned projection
     with pytest.raises(ValueError, match="encoder.dim=0"):

@@ -12,7 +12,10 @@ slots with the layer's usual hashed random ids, distinct within the row (``class
 random``), or with the inputs of largest total magnitude over all training documents that the row lacks
 (``frequent``): most terms of a large vocabulary are rare, so a random slot seldom sees a nonzero input
 and seldom learns, while a frequent term occurs in many documents and can learn evidence for or against
-the label (a hypothesis: the default stays ``random`` until measured). Only the ids change; weights
+the label (a hypothesis: the default stays ``random`` until measured). ``related`` first gives those
+slots the inputs heaviest in the documents of the labels that co-occur with the label most often
+(its most likely confusions) and that its own documents never contain, evidence against the label
+where it is most needed, then fills what is left as ``frequent`` does. Only the ids change; weights
 keep their initialization.
 
 The inputs must be what the classifier sees during training: the TF-IDF vector itself
@@ -30,6 +33,9 @@ from xmc.sparse.ids import INIT_IDS, fill_distinct
 
 # Entries of a dense (labels x width) centroid block computed at a time: 64 MiB of float32.
 _BLOCK_ELEMENTS = 1 << 24
+# ``related`` fill: how many of a label's most co-occurring labels lend it their documents' inputs.
+RELATED_LABELS = 16
+FILLS = ("random", "frequent", "related")
 
 
 def centroid_ids(X: sp.spmatrix | np.ndarray, Y: sp.spmatrix, fan_in: int) -> np.ndarray:
@@ -74,7 +80,8 @@ def frequent_fill(ids: np.ndarray, X: sp.spmatrix | np.ndarray) -> np.ndarray:
     n picks are among them, and it needs K - n.
 
     Args:
-        ids: int64 (L, K) as :func:`centroid_ids` returns it (picks first in column order, then -1).
+        ids: int64 (L, K): each row's distinct picks first, then -1 (as :func:`centroid_ids` or
+            :func:`related_fill` return it).
         X: (N, D) the training inputs the picks came from.
 
     Returns:
@@ -89,7 +96,7 @@ def frequent_fill(ids: np.ndarray, X: sp.spmatrix | np.ndarray) -> np.ndarray:
     step = max(1, _BLOCK_ELEMENTS // fan_in)
     for start in range(0, len(rows), step):
         block = rows[start : start + step]
-        picks = np.where(ids[block] >= 0, ids[block], width)  # sorted within each row, absent last
+        picks = np.sort(np.where(ids[block] >= 0, ids[block], width), axis=1)  # absent last
         offset = (np.arange(len(block), dtype=np.int64) * (width + 1))[:, None]
         flat = (picks + offset).ravel()  # globally sorted: rows in turn, columns in order
         wanted = order[None, :] + offset
@@ -100,6 +107,64 @@ def frequent_fill(ids: np.ndarray, X: sp.spmatrix | np.ndarray) -> np.ndarray:
         take = free & (rank < need)
         r, c = np.nonzero(take)
         out[block[r], found[block][r] + rank[r, c]] = order[c]
+    return out
+
+
+def related_fill(
+    ids: np.ndarray, X: sp.spmatrix | np.ndarray, Y: sp.spmatrix, neighbours: int = RELATED_LABELS
+):
+    """Fill -1 slots of :func:`centroid_ids`' output from the label's co-occurring labels' documents.
+
+    A label's related labels are the ``neighbours`` labels that share the most training documents with
+    it (ties to the lower label). Its free slots take, heaviest first (ties to the lower column), the
+    columns of the mean document of each related label, weighted by the documents shared, that the row
+    does not hold yet: as a row needs filling only when its own centroid ran out of nonzeros, these are
+    inputs its own documents never contain. Slots still free after that (a label without related
+    labels, or whose related labels' documents hold too few other columns) stay -1.
+
+    Args:
+        ids: int64 (L, K) as :func:`centroid_ids` returns it (picks first in column order, then -1).
+        X: (N, D) the training inputs the picks came from.
+        Y: (N, L) the training labels the picks came from.
+        neighbours: related labels per label.
+
+    Returns:
+        int64 (L, K): each row's own picks in place, then the related ones in column order, then -1.
+    """
+    fan_in, width = ids.shape[1], X.shape[1]
+    if Y.shape[1] != ids.shape[0] or Y.shape[0] != X.shape[0]:
+        raise ValueError(f"ids cover {ids.shape[0]} labels of {X.shape[0]} documents, Y is {Y.shape}")
+    found = (ids >= 0).sum(axis=1)
+    rows = np.flatnonzero(found < fan_in)
+    out = ids.copy()
+    if rows.size == 0 or neighbours < 1:
+        return out
+    Yt = sp.csr_matrix(Y, dtype=np.float32).T.tocsr()
+    Yt.data[:] = 1.0
+    docs = np.asarray(Yt.sum(axis=1), np.float64).ravel()
+    shared = (Yt[rows] @ Yt.T).tocsr()  # documents each filled label shares with every label
+    weights = sp.lil_matrix((len(rows), Yt.shape[0]), dtype=np.float32)
+    for i, label in enumerate(rows):
+        cols = shared.indices[shared.indptr[i] : shared.indptr[i + 1]]
+        counts = shared.data[shared.indptr[i] : shared.indptr[i + 1]]
+        keep = cols != label
+        cols, counts = cols[keep], counts[keep]
+        top = np.lexsort((cols, -counts))[:neighbours]
+        weights[i, cols[top]] = counts[top] / docs[cols[top]]  # shared documents x the label's mean document
+    weights = weights.tocsr()
+    sums = Yt @ (sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, np.float32))
+    step = max(1, _BLOCK_ELEMENTS // width)
+    for start in range(0, len(rows), step):
+        block = weights[start : start + step] @ sums
+        block = np.abs(block.toarray() if sp.issparse(block) else np.asarray(block))
+        for i, label in enumerate(rows[start : start + step]):
+            mass = block[i]
+            held = ids[label, : found[label]]
+            mass[held] = 0.0
+            candidates = np.flatnonzero(mass > 0)
+            need = fan_in - found[label]
+            picks = candidates[np.lexsort((candidates, -mass[candidates]))[:need]]
+            out[label, found[label] : found[label] + len(picks)] = np.sort(picks)
     return out
 
 
@@ -132,11 +197,11 @@ def init_centroid_ids(
     """Set a :class:`~xmc.nn.FixedFanInLinear`'s ids to its labels' centroid picks (module docstring).
 
     ``X`` (N, D) and ``Y`` (N, L) cover the layer's whole label range (``layer.row_offset`` 0);
-    ``fill``: ``random`` or ``frequent``, what takes the slots a label's centroid cannot.
+    ``fill``: ``random``, ``frequent`` or ``related``, what takes the slots a label's centroid cannot.
     Returns ``{"filled": share of slots not taken by the label's own centroid}``.
     """
-    if fill not in ("random", "frequent"):
-        raise ValueError(f"fill must be random or frequent, got {fill!r}")
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
     if Y.shape[1] != layer.out_features or X.shape[1] != layer.in_features:
         raise ValueError(
             f"centroid ids need inputs of width {layer.in_features} and {layer.out_features} labels, "
@@ -148,7 +213,9 @@ def init_centroid_ids(
         Y = sp.csr_matrix(Y, dtype=np.float32) @ assign
     ids = centroid_ids(X, Y, layer.fan_in)
     empty = torch.from_numpy(ids < 0)
-    if fill == "frequent":
+    if fill == "related":
+        drawn = torch.from_numpy(frequent_fill(related_fill(ids, X, Y), X))
+    elif fill == "frequent":
         drawn = torch.from_numpy(frequent_fill(ids, X))
     else:
         rows = layer.global_rows(0, layer.indices.shape[0]).cpu()

@@ -125,7 +125,11 @@ def _centroid_ids(config: Config, model: XMCModel, data, inputs) -> None:
         "centroid ids in %.1f s; %.1f%% of slots filled with %s (labels with fewer than K features)",
         time.perf_counter() - started,
         100 * report["filled"],
-        "random ids" if cfg.centroid_fill == "random" else "the most frequent inputs",
+        {
+            "random": "random ids",
+            "frequent": "the most frequent inputs",
+            "related": "inputs of co-occurring labels' documents, then the most frequent",
+        }[cfg.centroid_fill],
     )
 
 
