@@ -107,7 +107,7 @@ def test_related_fill_by_hand():
     layer = FixedFanInLinear(6, 4, 3, seed=5)
     report = init_centroid_ids(layer, sp.csr_matrix(X), Y, fill="related")
     assert layer.indices.long().tolist() == [[0, 1, 5], [0, 4, 5], [0, 4, 5], [0, 4, 1]]
-    assert report["filled"] == pytest.approx(4 / 12)
+    assert report == pytest.approx({"filled": 4 / 12, "related": 1 / 12})
 
 
 def test_related_fill_matches_a_direct_computation():

@@ -198,7 +198,8 @@ def init_centroid_ids(
 
     ``X`` (N, D) and ``Y`` (N, L) cover the layer's whole label range (``layer.row_offset`` 0);
     ``fill``: ``random``, ``frequent`` or ``related``, what takes the slots a label's centroid cannot.
-    Returns ``{"filled": share of slots not taken by the label's own centroid}``.
+    Returns ``{"filled": share of slots not taken by the label's own centroid}``, with ``"related"``
+    (the share of slots the related fill took) for ``fill="related"``.
     """
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
@@ -213,8 +214,11 @@ def init_centroid_ids(
         Y = sp.csr_matrix(Y, dtype=np.float32) @ assign
     ids = centroid_ids(X, Y, layer.fan_in)
     empty = torch.from_numpy(ids < 0)
+    report = {"filled": float((ids < 0).mean())}
     if fill == "related":
-        drawn = torch.from_numpy(frequent_fill(related_fill(ids, X, Y), X))
+        related = related_fill(ids, X, Y)
+        report["related"] = float((related >= 0).mean() - (ids >= 0).mean())
+        drawn = torch.from_numpy(frequent_fill(related, X))
     elif fill == "frequent":
         drawn = torch.from_numpy(frequent_fill(ids, X))
     else:
@@ -223,4 +227,4 @@ def init_centroid_ids(
             torch.from_numpy(ids).clamp(min=0), empty, rows, layer.in_features, (layer.seed, INIT_IDS)
         )
     layer.indices.copy_(drawn.to(layer.indices.dtype))
-    return {"filled": float(empty.float().mean())}
+    return report

@@ -121,15 +121,17 @@ def _centroid_ids(config: Config, model: XMCModel, data, inputs) -> None:
 
         Y = sp_columns(Y, classifier.order[classifier.head_size :].numpy())
     report = init_centroid_ids(classifier.layer, X, Y, cfg.centroid_fill)
+    fill = {
+        "random": "random ids",
+        "frequent": "the most frequent inputs",
+        "related": "inputs of co-occurring labels' documents (%.1f%%), then the most frequent"
+        % (100 * report.get("related", 0.0)),
+    }[cfg.centroid_fill]
     log.info(
         "centroid ids in %.1f s; %.1f%% of slots filled with %s (labels with fewer than K features)",
         time.perf_counter() - started,
         100 * report["filled"],
-        {
-            "random": "random ids",
-            "frequent": "the most frequent inputs",
-            "related": "inputs of co-occurring labels' documents, then the most frequent",
-        }[cfg.centroid_fill],
+        fill,
     )
 
 
