@@ -112,7 +112,7 @@ def frequent_fill(ids: np.ndarray, X: sp.spmatrix | np.ndarray) -> np.ndarray:
 
 def related_fill(
     ids: np.ndarray, X: sp.spmatrix | np.ndarray, Y: sp.spmatrix, neighbours: int = RELATED_LABELS
-):
+) -> np.ndarray:
     """Fill -1 slots of :func:`centroid_ids`' output from the label's co-occurring labels' documents.
 
     A label's related labels are the ``neighbours`` labels that share the most training documents with
