@@ -143,15 +143,21 @@ def related_fill(
     Yt.data[:] = 1.0
     docs = np.asarray(Yt.sum(axis=1), np.float64).ravel()
     shared = (Yt[rows] @ Yt.T).tocsr()  # documents each filled label shares with every label
-    weights = sp.lil_matrix((len(rows), Yt.shape[0]), dtype=np.float32)
+    at, to, weight = [], [], []  # (filled row, related label, shared documents / the label's documents)
     for i, label in enumerate(rows):
         cols = shared.indices[shared.indptr[i] : shared.indptr[i + 1]]
         counts = shared.data[shared.indptr[i] : shared.indptr[i + 1]]
         keep = cols != label
         cols, counts = cols[keep], counts[keep]
         top = np.lexsort((cols, -counts))[:neighbours]
-        weights[i, cols[top]] = counts[top] / docs[cols[top]]  # shared documents x the label's mean document
-    weights = weights.tocsr()
+        at.append(np.full(len(top), i))
+        to.append(cols[top])
+        weight.append(counts[top] / docs[cols[top]])  # shared documents x the label's mean document
+    weights = sp.csr_matrix(
+        (np.concatenate(weight), (np.concatenate(at), np.concatenate(to))),
+        shape=(len(rows), Yt.shape[0]),
+        dtype=np.float32,
+    )
     sums = Yt @ (sp.csr_matrix(X, dtype=np.float32) if sp.issparse(X) else np.asarray(X, np.float32))
     step = max(1, _BLOCK_ELEMENTS // width)
     for start in range(0, len(rows), step):
@@ -214,7 +220,7 @@ def init_centroid_ids(
         Y = sp.csr_matrix(Y, dtype=np.float32) @ assign
     ids = centroid_ids(X, Y, layer.fan_in)
     empty = torch.from_numpy(ids < 0)
-    report = {"filled": float((ids < 0).mean())}
+    report = {"filled": float(empty.float().mean())}
     if fill == "related":
         related = related_fill(ids, X, Y)
         report["related"] = float((related >= 0).mean() - (ids >= 0).mean())
