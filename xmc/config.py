@@ -77,6 +77,10 @@ class SETOptions:
     threshold: float = 0.01  # magnitude bound (prune=threshold)
     floor: float = 1e-4  # the pruning knob decays on a cosine to this value at `end`
     regrow: str = "random"  # random (SET) or gradient (RigL: largest |dense gradient| of a batch, per row)
+    # regrow=gradient: the dense gradient is summed over the last N batches before each rewiring, recomputed
+    # at the current weights (their inputs are kept, sparse when mostly zero). One 64-document batch shows
+    # most labels no positive; over fixed inputs (bow with dim 0) N batches rank columns by N times the data
+    grad_batches: int = 1
     gamma: float = 0.0  # SRigL neuron ablation in a sparse intermediate layer (needs regrow=gradient):
     # a neuron with fewer than gamma * K salient connections is removed; 0 = never (SRigL uses 0.3)
 
@@ -221,6 +225,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "classifier.intermediate": (0, None),
     "classifier.intermediate_fan_in": (0, None),
     "classifier.set.interval": (1, None),
+    "classifier.set.grad_batches": (1, None),
     "classifier.set.end": (0, 1),
     "classifier.set.fraction": (0, 1),
     "classifier.set.threshold": (0, None),

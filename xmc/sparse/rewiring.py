@@ -4,20 +4,26 @@ The classifier (when fixed fan-in) and a fixed fan-in intermediate layer each ge
 :class:`~xmc.sparse.dst.SET` schedule from ``classifier.set``; only the intermediate layer may ablate neurons
 (``set.gamma``).
 
-Gradient regrowth (``set.regrow=gradient``) ranks absent connections by the dense gradient of one batch.
-On the micro-batch that ends a window whose optimizer step rewires, :meth:`Rewiring.capture` keeps:
+Gradient regrowth (``set.regrow=gradient``) ranks absent connections by the dense gradient summed over the
+last ``set.grad_batches`` batches before a rewiring (one by default). On the micro-batch that ends each of
+those optimizer steps' windows, :meth:`Rewiring.capture` keeps:
 
 - the classifier's input ``h`` (B, D) and the batch's positives: the classifier's dense gradient is
   recomputed from them label chunk by label chunk (``Classifier.dense_gradient``), at the weights of
-  the step just taken, so the (L, D) gradient never exists in full;
+  the step just taken, so the (L, D) gradient never exists in full. An input that is mostly zeros (a
+  TF-IDF vector fed as it is) is kept as a sparse tensor and made dense one batch at a time;
 - the intermediate layer's input (B, E) and output gradient (B, D'), from which its (D', E) dense
-  gradient is one product (the layer is small).
+  gradient is one product per batch (the layer is small).
+
+Over fixed inputs (bag of words with ``encoder.dim=0``, frozen encoders) every kept batch's gradient is
+exact at the current weights; under a trained encoder the older batches' inputs are those it gave then.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections import deque
 
 import torch
 
@@ -34,8 +40,9 @@ class Rewiring:
         options = config.classifier.set
         self.model, self.kind = model, config.train.loss
         self.schedules: dict[str, SET] = {}
-        self._seen: dict[str, torch.Tensor] = {}
-        self._positives: Positives | None = None
+        self.batches = options.grad_batches
+        # The kept batches, oldest first: each the tensors of one micro-batch and its positives.
+        self._kept: deque[tuple[dict[str, torch.Tensor], Positives]] = deque(maxlen=self.batches)
         if not config.classifier.set.enabled:
             return
         if isinstance(getattr(model.classifier, "layer", None), FixedFanInLinear):
@@ -52,17 +59,21 @@ class Rewiring:
         return bool(self.schedules)
 
     def wants_batch(self) -> bool:
-        """Whether the next optimizer step regrows by gradient, so its window's last micro-batch is kept."""
-        return any(s.needs_gradient and s.due(s.steps + 1) for s in self.schedules.values())
+        """Whether one of the next ``grad_batches`` optimizer steps regrows by gradient, so the next window's
+        last micro-batch is kept."""
+        return any(
+            s.needs_gradient and any(s.due(s.steps + ahead) for ahead in range(1, self.batches + 1))
+            for s in self.schedules.values()
+        )
 
     @contextlib.contextmanager
     def capture(self, positives: Positives):
         """Keep, for the forward and backward run inside, the tensors gradient regrowth needs."""
         model, seen, handles = self.model, {}, []
-        self._seen, self._positives = seen, positives
+        self._kept.append((seen, positives))
 
         def keep_h(module, args, output):
-            seen["h"] = output.detach()
+            seen["h"] = _compact(output.detach())
 
         def keep_intermediate(module, args, output):
             seen["x"] = args[0].detach()
@@ -86,23 +97,36 @@ class Rewiring:
                 self._grad_fn(name) if schedule.needs_gradient and schedule.due(schedule.steps + 1) else None
             )
             schedule.step(grad_fn)
-        self._seen, self._positives = {}, None
+        if not self.wants_batch():
+            self._kept.clear()
 
     def _grad_fn(self, name: str):
-        seen = self._seen
-        if name == "classifier":
-            if "h" not in seen:
-                raise RuntimeError("gradient regrowth is due but no batch was captured (please report this)")
-            classifier, positives = self.model.classifier, self._positives
-            h = seen["h"].to(classifier.label_parameters()[0].dtype)  # bf16 under autocast
-            return lambda start, stop: classifier.dense_gradient(h, positives, self.kind, start, stop)
-        if "grad_out" not in seen:
+        key = "h" if name == "classifier" else "grad_out"
+        kept = [(seen, positives) for seen, positives in self._kept if key in seen]
+        if not kept:
             raise RuntimeError("gradient regrowth is due but no batch was captured (please report this)")
+        if name == "classifier":
+            classifier = self.model.classifier
+            dtype = classifier.label_parameters()[0].dtype  # bf16 under autocast
+
+            def labels(start: int, stop: int) -> torch.Tensor:
+                total = None
+                for seen, positives in kept:
+                    h = seen["h"].to_dense() if seen["h"].layout != torch.strided else seen["h"]
+                    part = classifier.dense_gradient(h.to(dtype), positives, self.kind, start, stop)
+                    total = part if total is None else total.add_(part)
+                return total
+
+            return labels
         layer = self.model.intermediate
-        x, grad_out = seen["x"].float(), seen["grad_out"].float()
 
         def intermediate(start: int, stop: int) -> torch.Tensor:
-            return grad_out[:, layer.global_rows(start, stop)].t() @ x
+            rows = layer.global_rows(start, stop)
+            total = None
+            for seen, _ in kept:
+                part = seen["grad_out"].float()[:, rows].t() @ seen["x"].float()
+                total = part if total is None else total.add_(part)
+            return total
 
         return intermediate
 
@@ -114,3 +138,12 @@ class Rewiring:
             state = {"classifier": state}
         for name, schedule in self.schedules.items():
             schedule.load_state_dict(state[name])
+
+
+def _compact(h: torch.Tensor) -> torch.Tensor:
+    """``h`` as a sparse COO tensor when at most a tenth of it is nonzero (a raw TF-IDF vector), else as it
+    is: N kept batches of a 200,000-wide input would otherwise hold N * B * 200,000 floats."""
+    if h.dim() != 2 or h.numel() < (1 << 16):
+        return h
+    nonzero = int(torch.count_nonzero(h))
+    return h.to_sparse() if nonzero * 10 <= h.numel() else h
