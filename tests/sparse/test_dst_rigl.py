@@ -113,6 +113,56 @@ def test_classifier_dense_gradient_equals_autograd_on_the_dense_weight():
         torch.testing.assert_close(torch.cat(parts).double(), dense.grad, rtol=1e-5, atol=1e-7)
 
 
+class _Bare(torch.nn.Module):
+    """The parts of a model :class:`~xmc.sparse.rewiring.Rewiring` touches: an encoder whose output it
+    keeps, no intermediate layer, a fixed fan-in classifier."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.encoder, self.intermediate, self.classifier = torch.nn.Identity(), None, classifier
+
+
+def test_gradient_regrowth_sums_the_last_n_batches_at_the_current_weights():
+    from xmc.config import Config
+    from xmc.sparse.rewiring import Rewiring
+
+    torch.manual_seed(4)
+    model = _Bare(FixedFanInClassifier(40, 9, 4, seed=1))
+    config = Config()
+    config.classifier.set = SETOptions(interval=5, fraction=0.25, regrow="gradient", grad_batches=3)
+    rewiring = Rewiring(config, model, total_steps=20, optimizers=[])
+    h = torch.randn(7, 6, 40)
+    h[:3] *= torch.rand(3, 6, 40) < 0.05  # three mostly-zero batches (kept sparse), then dense ones
+    positives = [Positives.from_lists([[s % 9], [], [1, 2], [8], [0], [s % 4]], 9) for s in range(7)]
+    wanted, before = [], None
+    for step in range(1, 8):  # the optimizer steps 1..7; the rewiring is due at step 5
+        wanted.append(rewiring.wants_batch())
+        if wanted[-1]:
+            with rewiring.capture(positives[step - 1]):
+                model.encoder(h[step - 1])
+        if step == 5:
+            kept = [seen["h"].layout for _, seen, _ in rewiring._kept]
+            got = rewiring._grad_fn("classifier")(0, 9)
+            clf, gradient = model.classifier, model.classifier.dense_gradient
+            expected = sum(gradient(h[s], positives[s], "squared_hinge", 0, 9) for s in (2, 3, 4))
+            before = clf.layer.indices.clone()
+        rewiring.step()
+    assert wanted == [False, False, True, True, True, False, False]
+    assert kept == [torch.sparse_coo, torch.strided, torch.strided]  # batches 3-5: the third mostly zero
+    torch.testing.assert_close(got, expected)
+    assert not torch.equal(clf.layer.indices, before), "the rewiring at step 5 regrew"
+    assert not rewiring._kept, "nothing kept once no rewiring is near"
+
+
+def test_grad_batches_must_be_positive(tmp_path):
+    from xmc.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("classifier: {set: {regrow: gradient, grad_batches: 0}}\n")
+    with pytest.raises(ValueError, match="grad_batches"):
+        load_config(path)
+
+
 def _ablation_setup(gamma=0.5):
     torch.manual_seed(3)
     layer = AblatableFixedFanInLinear(20, 10, 4, seed=6)
@@ -225,3 +275,47 @@ def test_srigl_run_ablates_regrows_and_resumes_exactly(tmp_path):
     assert 0 < neurons.numel() < 16, "gamma=0.6 ablates some of the 16 neurons"
     assert weight.shape == (neurons.numel(), min(24, 16 * 8 // neurons.numel()))
     assert b["classifier.layer.weight"].shape == (40, 6), "labels are never ablated"
+
+
+def test_a_run_stopped_between_kept_batches_resumes_to_the_same_regrowth(tmp_path):
+    """grad_batches = 3: the checkpoint written by Ctrl-C holds the batches kept so far (not the one of
+    the window cut short), so the resumed run regrows from the same batches as an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    from xmc.config import load_config
+    from xmc.data.synth import SynthOptions, synthesize
+    from xmc.train.run import run_training
+
+    data = tmp_path / "data"
+    options = SynthOptions(
+        num_labels=30, num_train=256, num_test=40, labels_per_doc=3, num_features=300, format="bow", seed=3
+    )
+    synthesize(data, options, progress=False)
+    (tmp_path / "config.yaml").write_text(
+        f"""
+data: {{train: '{data}/train.txt', test: '{data}/test.txt', dev_fraction: 0.0, format: bow}}
+encoder: {{type: bow, dim: 0, min_df: 1, dropout: 0.0}}
+classifier:
+  type: fixed_fanin
+  fan_in: 8
+  ids: centroid
+  set: {{interval: 4, end: 0.9, fraction: 0.3, regrow: gradient, grad_batches: 3}}
+train: {{epochs: 2, batch_size: 16, classifier_lr: 0.05, warmup: 0.0}}
+"""
+    )
+    config = load_config(tmp_path / "config.yaml")
+
+    def interrupt(model, step, optimizers, scaler):
+        if step == 6:  # the batches of steps 6 and 7 kept for the rewiring at 8; step 7's window cut short
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config, str(tmp_path / "cut"), progress=False, step_hook=interrupt)
+    resumed = run_training(config, str(tmp_path / "cut"), resume=True, progress=False)
+    whole = run_training(config, str(tmp_path / "whole"), progress=False)
+    assert resumed["optimizer_steps"] == whole["optimizer_steps"] == 32
+    a, b = (
+        load_file(str(tmp_path / "cut" / "best.safetensors")),
+        load_file(str(tmp_path / "whole" / "best.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

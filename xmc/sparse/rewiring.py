@@ -41,8 +41,8 @@ class Rewiring:
         self.model, self.kind = model, config.train.loss
         self.schedules: dict[str, SET] = {}
         self.batches = options.grad_batches
-        # The kept batches, oldest first: each the tensors of one micro-batch and its positives.
-        self._kept: deque[tuple[dict[str, torch.Tensor], Positives]] = deque(maxlen=self.batches)
+        # The kept batches, oldest first: the optimizer step each belongs to, its tensors and positives.
+        self._kept: deque[tuple[int, dict[str, torch.Tensor], Positives]] = deque(maxlen=self.batches)
         if not config.classifier.set.enabled:
             return
         if isinstance(getattr(model.classifier, "layer", None), FixedFanInLinear):
@@ -70,7 +70,10 @@ class Rewiring:
     def capture(self, positives: Positives):
         """Keep, for the forward and backward run inside, the tensors gradient regrowth needs."""
         model, seen, handles = self.model, {}, []
-        self._kept.append((seen, positives))
+        step = self._steps() + 1
+        while self._kept and self._kept[-1][0] >= step:  # a window begun before (skipped or interrupted)
+            self._kept.pop()
+        self._kept.append((step, seen, positives))
 
         def keep_h(module, args, output):
             seen["h"] = _compact(output.detach())
@@ -102,7 +105,7 @@ class Rewiring:
 
     def _grad_fn(self, name: str):
         key = "h" if name == "classifier" else "grad_out"
-        kept = [(seen, positives) for seen, positives in self._kept if key in seen]
+        kept = [(seen, positives) for _, seen, positives in self._kept if key in seen]
         if not kept:
             raise RuntimeError("gradient regrowth is due but no batch was captured (please report this)")
         if name == "classifier":
@@ -130,20 +133,68 @@ class Rewiring:
 
         return intermediate
 
+    def _steps(self) -> int:
+        return max((schedule.steps for schedule in self.schedules.values()), default=0)
+
+    @property
+    def rewirings(self) -> int:
+        """Rewirings so far, every fixed fan-in layer together."""
+        return sum(schedule.rewirings for schedule in self.schedules.values())
+
     def state_dict(self) -> dict:
-        return {name: schedule.state_dict() for name, schedule in self.schedules.items()}
+        """Each schedule's state by layer name, and under ``kept`` the batches kept for a coming gradient
+        rewiring (plain tensors), so a run stopped between them resumes to the same regrowth."""
+        state: dict = {name: schedule.state_dict() for name, schedule in self.schedules.items()}
+        if self._kept:
+            done = self._steps()  # a window cut short (Ctrl-C) is run again on resume
+            state["kept"] = [_pack(s, seen, positives) for s, seen, positives in self._kept if s <= done]
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if "steps" in state:  # a checkpoint from before the intermediate layer could rewire
             state = {"classifier": state}
         for name, schedule in self.schedules.items():
             schedule.load_state_dict(state[name])
+        self._kept.clear()
+        device = next(iter(self.model.parameters())).device
+        for packed in state.get("kept", []):
+            self._kept.append(_unpack(packed, device))
 
 
 def _compact(h: torch.Tensor) -> torch.Tensor:
     """``h`` as a sparse COO tensor when at most a tenth of it is nonzero (a raw TF-IDF vector), else as it
     is: N kept batches of a 200,000-wide input would otherwise hold N * B * 200,000 floats."""
-    if h.dim() != 2 or h.numel() < (1 << 16):
+    if h.dim() != 2:
         return h
     nonzero = int(torch.count_nonzero(h))
     return h.to_sparse() if nonzero * 10 <= h.numel() else h
+
+
+def _pack(step: int, seen: dict[str, torch.Tensor], positives: Positives) -> dict:
+    """A kept batch as plain tensors (a sparse input as its COO parts) for a checkpoint."""
+    packed = {
+        "step": step,
+        "indptr": positives.indptr.cpu(),
+        "indices": positives.indices.cpu(),
+        "num_labels": positives.num_labels,
+    }
+    for key, tensor in seen.items():
+        if tensor.layout == torch.sparse_coo:
+            tensor = tensor.coalesce()
+            packed[f"{key}.coo"] = [tensor.indices().cpu(), tensor.values().cpu(), list(tensor.shape)]
+        else:
+            packed[key] = tensor.cpu()
+    return packed
+
+
+def _unpack(packed: dict, device: torch.device) -> tuple[int, dict[str, torch.Tensor], Positives]:
+    seen = {}
+    for key, value in packed.items():
+        if key.endswith(".coo"):
+            indices, values, shape = value
+            tensor = torch.sparse_coo_tensor(indices, values, shape, check_invariants=True)
+            seen[key[: -len(".coo")]] = tensor.coalesce().to(device)
+        elif key not in ("step", "indptr", "indices", "num_labels"):
+            seen[key] = value.to(device)
+    positives = Positives(packed["indptr"].to(device), packed["indices"].to(device), packed["num_labels"])
+    return packed["step"], seen, positives

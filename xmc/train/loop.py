@@ -361,7 +361,7 @@ def train(recipe: Recipe, resume: bool = False) -> Position:
                     }
                 )
                 if rewiring:  # SET rewirings so far, every fixed fan-in layer (plots mark them per epoch)
-                    pos.history[-1]["rewirings"] = sum(s["rewirings"] for s in rewiring.state_dict().values())
+                    pos.history[-1]["rewirings"] = rewiring.rewirings
                 epoch_loss, pos.epoch_steps = torch.zeros_like(epoch_loss), 0
                 log.info(
                     "epoch %d/%d: step %d, train loss %.4g",
