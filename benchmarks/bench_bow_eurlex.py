@@ -72,6 +72,15 @@ def row_of(name: str, config: Config, metrics: dict) -> dict:
         "dense_head": config.classifier.dense_head,
         "ids": config.classifier.ids,
         "centroid_fill": config.classifier.centroid_fill,
+        # the rewiring schedule when on (null: the ids stay as they start)
+        "set": (
+            {
+                key: getattr(config.classifier.set, key)
+                for key in ("regrow", "grad_batches", "interval", "fraction", "end")
+            }
+            if config.classifier.type == "fixed_fanin" and config.classifier.set.enabled
+            else None
+        ),
         "classifier_state": config.train.classifier_state,
         **{key: round(100 * dev[key], 2) for key in ("P@1", "P@3", "P@5", "nDCG@5", "RP@5", "PSP@5")},
         "carved_dev_P@1": round(100 * carved["P@1"], 2) if carved else None,

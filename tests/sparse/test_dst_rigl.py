@@ -306,7 +306,7 @@ train: {{epochs: 2, batch_size: 16, classifier_lr: 0.05, warmup: 0.0}}
     config = load_config(tmp_path / "config.yaml")
 
     def interrupt(model, step, optimizers, scaler):
-        if step == 6:  # the batches of steps 6 and 7 kept for the rewiring at 8; step 7's window cut short
+        if step == 6:  # step 6's batch kept for the rewiring at 8; the window of step 7 cut short
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
