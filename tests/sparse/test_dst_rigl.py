@@ -278,8 +278,9 @@ def test_srigl_run_ablates_regrows_and_resumes_exactly(tmp_path):
 
 
 def test_a_run_stopped_between_kept_batches_resumes_to_the_same_regrowth(tmp_path):
-    """grad_batches = 3: the checkpoint written by Ctrl-C holds the batches kept so far (not the one of
-    the window cut short), so the resumed run regrows from the same batches as an uninterrupted one."""
+    """grad_batches = 3: the checkpoint written by Ctrl-C holds the batches kept so far, and the window cut
+    short replaces its own batch when run again, so the resumed run regrows from the same batches as an
+    uninterrupted one."""
     from safetensors.torch import load_file
 
     from xmc.config import load_config

@@ -145,9 +145,8 @@ class Rewiring:
         """Each schedule's state by layer name, and under ``kept`` the batches kept for a coming gradient
         rewiring (plain tensors), so a run stopped between them resumes to the same regrowth."""
         state: dict = {name: schedule.state_dict() for name, schedule in self.schedules.items()}
-        if self._kept:
-            done = self._steps()  # a window cut short (Ctrl-C) is run again on resume
-            state["kept"] = [_pack(s, seen, positives) for s, seen, positives in self._kept if s <= done]
+        if self._kept:  # a window cut short (Ctrl-C) may be among them: run again, it replaces its batch
+            state["kept"] = [_pack(*kept) for kept in self._kept]
         return state
 
     def load_state_dict(self, state: dict) -> None:
