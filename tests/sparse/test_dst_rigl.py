@@ -95,6 +95,9 @@ def test_gradient_regrowth_needs_a_gradient():
         SET(layer, 10, SETOptions(interval=1, regrow="gradient")).step()
     with pytest.raises(ValueError, match="regrow=gradient"):
         SET(layer, 10, SETOptions(gamma=0.3))
+    with pytest.raises(ValueError, match="grad_batches=4 sums gradients"):
+        SET(layer, 10, SETOptions(grad_batches=4))
+    SET(layer, 10, SETOptions(regrow="gradient", grad_batches=4))  # the setting it belongs to
     with pytest.raises(ValueError, match="classifier.set.fraction must be in"):
         SET(layer, 10, SETOptions(fraction=1.5))
     with pytest.raises(ValueError, match="never labels"):

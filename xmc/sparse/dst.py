@@ -77,6 +77,11 @@ class SET:
                 "neuron ablation (classifier.set.gamma > 0) judges saliency by gradients: "
                 "set classifier.set.regrow=gradient"
             )
+        if self.config.grad_batches > 1 and self.config.regrow != "gradient":
+            raise ValueError(
+                f"classifier.set.grad_batches={self.config.grad_batches} sums gradients for regrow=gradient, "
+                "but regrowth is random: set classifier.set.regrow=gradient or drop grad_batches"
+            )
         if self.config.gamma and not isinstance(layer, AblatableFixedFanInLinear):
             raise ValueError("neuron ablation (gamma > 0) needs an AblatableFixedFanInLinear (never labels)")
         optimizers = [] if optimizer is None else [optimizer] if hasattr(optimizer, "state") else optimizer
