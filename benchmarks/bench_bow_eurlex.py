@@ -68,6 +68,7 @@ def row_of(name: str, config: Config, metrics: dict) -> dict:
         "dim": config.encoder.dim or "tfidf",
         "ngrams": config.encoder.ngrams,
         "vocab_size": config.encoder.vocab_size,
+        "dropout": config.encoder.dropout,
         "fan_in": config.classifier.fan_in if config.classifier.type == "fixed_fanin" else None,
         "dense_head": config.classifier.dense_head,
         "ids": config.classifier.ids,
