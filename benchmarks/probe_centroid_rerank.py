@@ -69,7 +69,8 @@ def cluster_scorer(X_train, Y_train: sp.csr_matrix, centroids, count: int):
     member = sp.csr_matrix((np.ones(len(clusters)), (np.arange(len(clusters)), clusters)))
     Yc = np.asarray(((Y_train @ member) > 0).todense(), dtype=np.int8)
     weights = np.zeros((count, X_train.shape[1]), np.float32)
-    bias = np.full(count, -1.0, np.float32)  # a cluster without a training document never fires
+    # a cluster no training document carries never fires; one every document carries always does
+    bias = np.where(Yc.all(axis=0), 1.0, -1.0).astype(np.float32)
     for c in range(count):
         if 0 < Yc[:, c].sum() < len(Yc):
             svm = LinearSVC(C=1.0, loss="squared_hinge", dual=True, max_iter=2000).fit(X_train, Yc[:, c])
