@@ -1,0 +1,100 @@
+"""Swap a trained run's scores for its most frequent labels with converged linear SVMs (CPU probe, #32).
+
+For the ``--labels F`` labels with the most training documents, one squared-hinge linear SVM each (liblinear
+through scikit-learn's ``LinearSVC``, C = 1, as the peer's per-label solves) is fitted to convergence over
+all columns of the peer's TF-IDF (``TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=200000,
+sublinear_tf=True)``) of the run's own training rows. Over the run's top 200 a head label's score becomes
+``(1 - a) * run score + a * SVM score``; P@1/3/5 are printed by ``a`` on the carved split (to choose ``a``)
+and the test split (to check). The question it answers: is the P@5 lost on frequent labels a matter of the
+fixed fan-in support and the optimizer (three AdamW epochs) rather than of the model class? scikit-learn
+comes with the package's sentence-transformers dependency::
+
+    python benchmarks/probe_svm_head.py RUN_DIR [--labels 200] [--jobs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import scipy.sparse as sp
+
+from xmc.inference.predict import predict_rows
+from xmc.inference.predictor import Predictor
+from xmc.train.data import load_data
+
+TFIDF = dict(ngram_range=(1, 2), min_df=2, max_features=200000, sublinear_tf=True, dtype=np.float32)
+
+
+def precision(ids: np.ndarray, Y: sp.csr_matrix, k: int) -> float:
+    rows = np.arange(ids.shape[0])[:, None]
+    return 100.0 * float(Y[rows, ids[:, :k]].sum()) / (k * ids.shape[0])
+
+
+def main() -> None:
+    from joblib import Parallel, delayed
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.svm import LinearSVC
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir")
+    parser.add_argument("--labels", type=int, default=200, help="most frequent labels given an SVM")
+    parser.add_argument("--mix", type=float, nargs="+", default=[0, 0.25, 0.5, 0.75, 1])
+    parser.add_argument("--jobs", type=int, default=1, help="SVMs fitted in parallel")
+    parser.add_argument("--top", type=int, default=200, help="candidates re-ranked per document")
+    args = parser.parse_args()
+    start = time.time()
+    predictor = Predictor(args.run_dir, device="cpu")
+    data = load_data(predictor.config.data, predictor.config.seed)
+    if "dev" not in data.splits or "test" not in data.splits:
+        raise SystemExit(f"{args.run_dir}: the probe needs a run with a carved (dev) and a test split")
+    if not 0 < args.labels <= data.num_labels:
+        raise SystemExit(f"--labels {args.labels}: give 1 to {data.num_labels}")
+    texts = {name: list(source.texts()) for name, source in data.sources.items()}
+    train = data.splits["train"]
+    vectorizer = TfidfVectorizer(**TFIDF)
+    X_train = vectorizer.fit_transform([texts[train.source][r] for r in train.rows])
+    Y_train = train.Y.tocsc()
+    frequency = np.asarray(Y_train.sum(0)).ravel()
+    head = np.argsort(-frequency, kind="stable")[: args.labels]
+    print(
+        f"TF-IDF {time.time() - start:.0f} s; {args.labels} labels with "
+        f"{frequency[head[-1]]:.0f}-{frequency[head[0]]:.0f} training documents",
+        flush=True,
+    )
+
+    def fit(label: int) -> tuple[np.ndarray, float]:
+        y = np.asarray(Y_train[:, label].todense()).ravel() > 0
+        svm = LinearSVC(C=1.0, loss="squared_hinge", dual=True, max_iter=3000, random_state=0).fit(X_train, y)
+        return svm.coef_.ravel().astype(np.float32), float(svm.intercept_[0])
+
+    fitted = Parallel(n_jobs=args.jobs)(delayed(fit)(label) for label in head)
+    W = np.stack([w for w, _ in fitted])
+    b = np.array([bias for _, bias in fitted], np.float32)
+    print(f"SVMs fitted, {time.time() - start:.0f} s", flush=True)
+    slot = np.full(data.num_labels, -1)
+    slot[head] = np.arange(args.labels)
+    for name in ("dev", "test"):
+        split = data.splits[name]
+        inputs = predictor.inputs(data.sources[split.source])
+        scores, ids = predict_rows(
+            predictor.model, inputs, split.rows, predictor.device, predictor.precision, 256, args.top
+        )
+        scores, ids = np.asarray(scores, np.float32), np.asarray(ids)
+        X = vectorizer.transform([texts[split.source][r] for r in split.rows])
+        svm_scores = np.asarray(X @ W.T) + b  # (N, F)
+        in_head = slot[ids] >= 0
+        at = np.where(in_head, np.take_along_axis(svm_scores, np.maximum(slot[ids], 0), 1), 0.0)
+        Y = split.Y.tocsr()
+        label = "carved" if name == "dev" else "test"
+        for a in args.mix:
+            key = np.where(in_head, (1 - a) * scores + a * at, scores)
+            ranked = np.take_along_axis(ids, np.argsort(-key, axis=1, kind="stable"), 1)
+            p1, p3, p5 = (precision(ranked, Y, k) for k in (1, 3, 5))
+            print(f"{label} a={a:g}: P@1 {p1:.2f} P@3 {p3:.2f} P@5 {p5:.2f}", flush=True)
+    print(f"{time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
