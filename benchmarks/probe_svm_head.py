@@ -7,9 +7,11 @@ sublinear_tf=True)``) of the run's own training rows. Over the run's top 200 a h
 ``(1 - a) * run score + a * SVM score``; P@1/3/5 are printed by ``a`` on the carved split (to choose ``a``)
 and the test split (to check). The question it answers: is the P@5 lost on frequent labels a matter of the
 fixed fan-in support and the optimizer (three AdamW epochs) rather than of the model class? scikit-learn
-comes with the package's sentence-transformers dependency::
+comes with the package's sentence-transformers dependency. ``--support K`` gives each SVM only the K columns
+of largest weight in its label's summed TF-IDF (the rule of ``classifier.ids=centroid``, without a fill), to
+tell the fixed fan-in support from the solve::
 
-    python benchmarks/probe_svm_head.py RUN_DIR [--labels 200] [--jobs 1]
+    python benchmarks/probe_svm_head.py RUN_DIR [--labels 200] [--jobs 1] [--support 4096]
 """
 
 from __future__ import annotations
@@ -43,12 +45,15 @@ def main() -> None:
     parser.add_argument("--mix", type=float, nargs="+", default=[0, 0.25, 0.5, 0.75, 1])
     parser.add_argument("--jobs", type=int, default=1, help="SVMs fitted in parallel")
     parser.add_argument("--top", type=int, default=200, help="candidates re-ranked per document")
+    parser.add_argument("--support", type=int, default=0, help="columns per SVM (0 = all)")
     args = parser.parse_args()
     start = time.time()
     predictor = Predictor(args.run_dir, device="cpu")
     data = load_data(predictor.config.data, predictor.config.seed)
     if "dev" not in data.splits or "test" not in data.splits:
         raise SystemExit(f"{args.run_dir}: the probe needs a run with a carved (dev) and a test split")
+    if args.support < 0:
+        raise SystemExit(f"--support {args.support}: give a column count, or 0 for all")
     if not 0 < args.labels <= data.num_labels:
         raise SystemExit(f"--labels {args.labels}: give 1 to {data.num_labels}")
     texts = {name: list(source.texts()) for name, source in data.sources.items()}
@@ -66,8 +71,17 @@ def main() -> None:
 
     def fit(label: int) -> tuple[np.ndarray, float]:
         y = np.asarray(Y_train[:, label].todense()).ravel() > 0
-        svm = LinearSVC(C=1.0, loss="squared_hinge", dual=True, max_iter=3000, random_state=0).fit(X_train, y)
-        return svm.coef_.ravel().astype(np.float32), float(svm.intercept_[0])
+        X, columns = X_train, None
+        if args.support:
+            centroid = np.asarray(X_train[y].sum(0)).ravel()
+            columns = np.argsort(-centroid, kind="stable")[: min(args.support, int((centroid > 0).sum()))]
+            X = X_train[:, columns]
+        svm = LinearSVC(C=1.0, loss="squared_hinge", dual=True, max_iter=3000, random_state=0).fit(X, y)
+        w = svm.coef_.ravel().astype(np.float32)
+        if columns is not None:
+            w = np.zeros(X_train.shape[1], np.float32)
+            w[columns] = svm.coef_.ravel()
+        return w, float(svm.intercept_[0])
 
     fitted = Parallel(n_jobs=args.jobs)(delayed(fit)(label) for label in head)
     W = np.stack([w for w, _ in fitted])
