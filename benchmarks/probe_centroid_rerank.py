@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--clusters", type=int, default=0, help="also a trained cluster score (power of 2)")
     parser.add_argument("--cluster-weights", type=float, nargs="+", default=[0, 0.05, 0.1, 0.2, 0.5, 1])
     args = parser.parse_args()
+    if args.clusters and (args.clusters < 2 or args.clusters & (args.clusters - 1)):
+        raise SystemExit(f"--clusters {args.clusters}: give a power of two (e.g. 64)")
     start = time.time()
     predictor = Predictor(args.run_dir, device="cpu")
     data = load_data(predictor.config.data, predictor.config.seed)
@@ -105,8 +107,6 @@ def main() -> None:
     centroids = normalize(sp.csr_matrix(train.Y.T.astype(np.float32) @ X_train))
     print(f"centroids {centroids.shape}, {centroids.nnz:,} nonzeros, {time.time() - start:.0f} s", flush=True)
     if args.clusters:
-        if args.clusters < 2 or args.clusters & (args.clusters - 1):
-            raise SystemExit(f"--clusters {args.clusters}: give a power of two (e.g. 64)")
         clusters, cluster_scores = cluster_scorer(X_train, train.Y.tocsr(), centroids, args.clusters)
         print(
             f"{args.clusters} clusters of {np.bincount(clusters).min()}-{np.bincount(clusters).max()} labels,"

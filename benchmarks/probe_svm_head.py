@@ -47,13 +47,13 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=200, help="candidates re-ranked per document")
     parser.add_argument("--support", type=int, default=0, help="columns per SVM (0 = all)")
     args = parser.parse_args()
+    if args.support < 0:
+        raise SystemExit(f"--support {args.support}: give a column count, or 0 for all")
     start = time.time()
     predictor = Predictor(args.run_dir, device="cpu")
     data = load_data(predictor.config.data, predictor.config.seed)
     if "dev" not in data.splits or "test" not in data.splits:
         raise SystemExit(f"{args.run_dir}: the probe needs a run with a carved (dev) and a test split")
-    if args.support < 0:
-        raise SystemExit(f"--support {args.support}: give a column count, or 0 for all")
     if not 0 < args.labels <= data.num_labels:
         raise SystemExit(f"--labels {args.labels}: give 1 to {data.num_labels}")
     texts = {name: list(source.texts()) for name, source in data.sources.items()}
