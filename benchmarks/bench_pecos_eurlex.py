@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-from common import append_row, git_revision
+from common import PEER_TFIDF, append_row, git_revision
 
 from xmc.data.text import read_lf_json
 from xmc.metrics import evaluate, inv_propensity
 
 RESULTS = Path(__file__).parent / "results" / "pecos_eurlex57k.jsonl"
-TFIDF = {"ngram_range": (1, 2), "min_df": 2, "max_features": 200_000, "sublinear_tf": True}
+TFIDF = PEER_TFIDF
 BEAM = 50
 
 

@@ -1,7 +1,7 @@
-"""Shared by the benchmark scripts: the git revision, appending a results row, and the device helpers of
-the GPU benchmarks (timing, peak memory, the copy bandwidth and matmul rates that floors are measured
-against). Every helper also runs on the CPU, at small sizes, so a benchmark's code path is smoke-tested
-there (``benchmarks/gpu_suite.py --tiny``) before a GPU session runs it."""
+"""Shared by the benchmark scripts: the git revision, appending a results row, the peer's TF-IDF recipe,
+and the device helpers of the GPU benchmarks (timing, peak memory, the copy bandwidth and matmul rates that
+floors are measured against). Every helper also runs on the CPU, at small sizes, so a benchmark's code
+path is smoke-tested there (``benchmarks/gpu_suite.py --tiny``) before a GPU session runs it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 
 GIB = 2**30
+# The peer's TF-IDF recipe (scikit-learn TfidfVectorizer options): words and bigrams, as PECOS's EURLEX57K
+# baseline; bench_pecos_eurlex.py and the re-ranking probes share it
+PEER_TFIDF = {"ngram_range": (1, 2), "min_df": 2, "max_features": 200_000, "sublinear_tf": True}
 
 
 def git_revision() -> str:

@@ -22,17 +22,7 @@ import time
 
 import numpy as np
 import scipy.sparse as sp
-
-from xmc.inference.predict import predict_rows
-from xmc.inference.predictor import Predictor
-from xmc.train.data import load_data
-
-TFIDF = dict(ngram_range=(1, 2), min_df=2, max_features=200000, sublinear_tf=True, dtype=np.float32)
-
-
-def precision(ids: np.ndarray, Y: sp.csr_matrix, k: int) -> float:
-    rows = np.arange(ids.shape[0])[:, None]
-    return 100.0 * float(Y[rows, ids[:, :k]].sum()) / (k * ids.shape[0])
+from probe_common import load_probe_run, report
 
 
 def balanced_clusters(vectors: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
@@ -83,7 +73,6 @@ def l3_hinge(s: np.ndarray) -> np.ndarray:
 
 
 def main() -> None:
-    from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.preprocessing import normalize
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -96,50 +85,33 @@ def main() -> None:
     if args.clusters and (args.clusters < 2 or args.clusters & (args.clusters - 1)):
         raise SystemExit(f"--clusters {args.clusters}: give a power of two (e.g. 64)")
     start = time.time()
-    predictor = Predictor(args.run_dir, device="cpu")
-    data = load_data(predictor.config.data, predictor.config.seed)
-    if "dev" not in data.splits or "test" not in data.splits:
-        raise SystemExit(f"{args.run_dir}: the probe needs a run with a carved (dev) and a test split")
-    texts = {name: list(source.texts()) for name, source in data.sources.items()}
-    train = data.splits["train"]
-    vectorizer = TfidfVectorizer(**TFIDF)
-    X_train = vectorizer.fit_transform([texts[train.source][r] for r in train.rows])
-    centroids = normalize(sp.csr_matrix(train.Y.T.astype(np.float32) @ X_train))
+    run = load_probe_run(args.run_dir)
+    train = run.data.splits["train"]
+    centroids = normalize(sp.csr_matrix(train.Y.T.astype(np.float32) @ run.X_train))
     print(f"centroids {centroids.shape}, {centroids.nnz:,} nonzeros, {time.time() - start:.0f} s", flush=True)
     if args.clusters:
-        clusters, cluster_scores = cluster_scorer(X_train, train.Y.tocsr(), centroids, args.clusters)
+        clusters, cluster_scores = cluster_scorer(run.X_train, train.Y.tocsr(), centroids, args.clusters)
         print(
             f"{args.clusters} clusters of {np.bincount(clusters).min()}-{np.bincount(clusters).max()} labels,"
             f" their SVMs trained, {time.time() - start:.0f} s",
             flush=True,
         )
     for name in ("dev", "test"):
-        split = data.splits[name]
-        inputs = predictor.inputs(data.sources[split.source])
-        scores, ids = predict_rows(
-            predictor.model, inputs, split.rows, predictor.device, predictor.precision, 256, args.top
-        )
-        scores, ids = np.asarray(scores, np.float32), np.asarray(ids)
-        X = normalize(vectorizer.transform([texts[split.source][r] for r in split.rows]))
+        scores, ids = run.candidates(name, args.top)
+        X = normalize(run.tfidf(name))
         cosine = np.zeros_like(scores)
         for a in range(0, X.shape[0], 500):
             block = (X[a : a + 500] @ centroids.T).toarray()
             cosine[a : a + 500] = np.take_along_axis(block, ids[a : a + 500], 1)
-        Y = split.Y.tocsr()
-        label = "carved" if name == "dev" else "test"
+        Y = run.data.splits[name].Y.tocsr()
         for w in args.weights:
-            order = np.argsort(-(scores + w * cosine), axis=1, kind="stable")
-            ranked = np.take_along_axis(ids, order, 1)
-            p1, p3, p5 = (precision(ranked, Y, k) for k in (1, 3, 5))
-            print(f"{label} w={w:g}: P@1 {p1:.2f} P@3 {p3:.2f} P@5 {p5:.2f}", flush=True)
+            report(name, f"w={w:g}", ids, scores + w * cosine, Y)
         if args.clusters:
             gate = np.take_along_axis(cluster_scores(X), clusters[ids], 1)
-            ranks = [(f"b={b:g}", scores + b * gate) for b in args.cluster_weights]
-            ranks.append(("l3-hinge product", l3_hinge(scores) * l3_hinge(gate) + 1e-6 * scores))
-            for what, key in ranks:
-                ranked = np.take_along_axis(ids, np.argsort(-key, axis=1, kind="stable"), 1)
-                p1, p3, p5 = (precision(ranked, Y, k) for k in (1, 3, 5))
-                print(f"{label} cluster {what}: P@1 {p1:.2f} P@3 {p3:.2f} P@5 {p5:.2f}", flush=True)
+            for b in args.cluster_weights:
+                report(name, f"cluster b={b:g}", ids, scores + b * gate, Y)
+            key = l3_hinge(scores) * l3_hinge(gate) + 1e-6 * scores
+            report(name, "cluster l3-hinge product", ids, key, Y)
     print(f"{time.time() - start:.0f} s")
 
 

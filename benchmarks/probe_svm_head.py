@@ -20,23 +20,11 @@ import argparse
 import time
 
 import numpy as np
-import scipy.sparse as sp
-
-from xmc.inference.predict import predict_rows
-from xmc.inference.predictor import Predictor
-from xmc.train.data import load_data
-
-TFIDF = dict(ngram_range=(1, 2), min_df=2, max_features=200000, sublinear_tf=True, dtype=np.float32)
-
-
-def precision(ids: np.ndarray, Y: sp.csr_matrix, k: int) -> float:
-    rows = np.arange(ids.shape[0])[:, None]
-    return 100.0 * float(Y[rows, ids[:, :k]].sum()) / (k * ids.shape[0])
+from probe_common import load_probe_run, report
 
 
 def main() -> None:
     from joblib import Parallel, delayed
-    from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.svm import LinearSVC
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -50,17 +38,11 @@ def main() -> None:
     if args.support < 0:
         raise SystemExit(f"--support {args.support}: give a column count, or 0 for all")
     start = time.time()
-    predictor = Predictor(args.run_dir, device="cpu")
-    data = load_data(predictor.config.data, predictor.config.seed)
-    if "dev" not in data.splits or "test" not in data.splits:
-        raise SystemExit(f"{args.run_dir}: the probe needs a run with a carved (dev) and a test split")
-    if not 0 < args.labels <= data.num_labels:
-        raise SystemExit(f"--labels {args.labels}: give 1 to {data.num_labels}")
-    texts = {name: list(source.texts()) for name, source in data.sources.items()}
-    train = data.splits["train"]
-    vectorizer = TfidfVectorizer(**TFIDF)
-    X_train = vectorizer.fit_transform([texts[train.source][r] for r in train.rows])
-    Y_train = train.Y.tocsc()
+    run = load_probe_run(args.run_dir)
+    num_labels = run.data.num_labels
+    if not 0 < args.labels <= num_labels:
+        raise SystemExit(f"--labels {args.labels}: give 1 to {num_labels}")
+    X_train, Y_train = run.X_train, run.data.splits["train"].Y.tocsc()
     frequency = np.asarray(Y_train.sum(0)).ravel()
     head = np.argsort(-frequency, kind="stable")[: args.labels]
     print(
@@ -71,42 +53,30 @@ def main() -> None:
 
     def fit(label: int) -> tuple[np.ndarray, float]:
         y = np.asarray(Y_train[:, label].todense()).ravel() > 0
-        X, columns = X_train, None
+        X, columns = X_train, slice(None)  # all columns: no copy of the matrix
         if args.support:
             centroid = np.asarray(X_train[y].sum(0)).ravel()
             columns = np.argsort(-centroid, kind="stable")[: min(args.support, int((centroid > 0).sum()))]
             X = X_train[:, columns]
         svm = LinearSVC(C=1.0, loss="squared_hinge", dual=True, max_iter=3000, random_state=0).fit(X, y)
-        w = svm.coef_.ravel().astype(np.float32)
-        if columns is not None:
-            w = np.zeros(X_train.shape[1], np.float32)
-            w[columns] = svm.coef_.ravel()
+        w = np.zeros(X_train.shape[1], np.float32)
+        w[columns] = svm.coef_.ravel()
         return w, float(svm.intercept_[0])
 
     fitted = Parallel(n_jobs=args.jobs)(delayed(fit)(label) for label in head)
     W = np.stack([w for w, _ in fitted])
     b = np.array([bias for _, bias in fitted], np.float32)
     print(f"SVMs fitted, {time.time() - start:.0f} s", flush=True)
-    slot = np.full(data.num_labels, -1)
+    slot = np.full(num_labels, -1)
     slot[head] = np.arange(args.labels)
     for name in ("dev", "test"):
-        split = data.splits[name]
-        inputs = predictor.inputs(data.sources[split.source])
-        scores, ids = predict_rows(
-            predictor.model, inputs, split.rows, predictor.device, predictor.precision, 256, args.top
-        )
-        scores, ids = np.asarray(scores, np.float32), np.asarray(ids)
-        X = vectorizer.transform([texts[split.source][r] for r in split.rows])
-        svm_scores = np.asarray(X @ W.T) + b  # (N, F)
+        scores, ids = run.candidates(name, args.top)
+        svm_scores = np.asarray(run.tfidf(name) @ W.T) + b  # (N, F)
         in_head = slot[ids] >= 0
         at = np.where(in_head, np.take_along_axis(svm_scores, np.maximum(slot[ids], 0), 1), 0.0)
-        Y = split.Y.tocsr()
-        label = "carved" if name == "dev" else "test"
+        Y = run.data.splits[name].Y.tocsr()
         for a in args.mix:
-            key = np.where(in_head, (1 - a) * scores + a * at, scores)
-            ranked = np.take_along_axis(ids, np.argsort(-key, axis=1, kind="stable"), 1)
-            p1, p3, p5 = (precision(ranked, Y, k) for k in (1, 3, 5))
-            print(f"{label} a={a:g}: P@1 {p1:.2f} P@3 {p3:.2f} P@5 {p5:.2f}", flush=True)
+            report(name, f"a={a:g}", ids, np.where(in_head, (1 - a) * scores + a * at, scores), Y)
     print(f"{time.time() - start:.0f} s")
 
 
