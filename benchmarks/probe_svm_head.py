@@ -11,7 +11,7 @@ comes with the package's sentence-transformers dependency. ``--support K`` gives
 of largest weight in its label's summed TF-IDF (the rule of ``classifier.ids=centroid``, without a fill), to
 tell the fixed fan-in support from the solve::
 
-    python benchmarks/probe_svm_head.py RUN_DIR [--labels 200] [--jobs 1] [--support 4096]
+    python benchmarks/probe_svm_head.py RUN_DIR [--labels 200 [400 ...]] [--jobs 1] [--support 4096]
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")
-    parser.add_argument("--labels", type=int, default=200, help="most frequent labels given an SVM")
+    parser.add_argument(
+        "--labels", type=int, nargs="+", default=[200], help="most frequent labels given SVMs (nested)"
+    )
     parser.add_argument("--mix", type=float, nargs="+", default=[0, 0.25, 0.5, 0.75, 1])
     parser.add_argument("--jobs", type=int, default=1, help="SVMs fitted in parallel")
     parser.add_argument("--top", type=int, default=200, help="candidates re-ranked per document")
@@ -40,13 +42,14 @@ def main() -> None:
     start = time.time()
     run = load_probe_run(args.run_dir)
     num_labels = run.data.num_labels
-    if not 0 < args.labels <= num_labels:
-        raise SystemExit(f"--labels {args.labels}: give 1 to {num_labels}")
+    if not all(0 < n <= num_labels for n in args.labels):
+        raise SystemExit(f"--labels {args.labels}: give counts from 1 to {num_labels}")
+    most = max(args.labels)
     X_train, Y_train = run.X_train, run.data.splits["train"].Y.tocsc()
     frequency = np.asarray(Y_train.sum(0)).ravel()
-    head = np.argsort(-frequency, kind="stable")[: args.labels]
+    head = np.argsort(-frequency, kind="stable")[:most]
     print(
-        f"TF-IDF {time.time() - start:.0f} s; {args.labels} labels with "
+        f"TF-IDF {time.time() - start:.0f} s; {most} labels with "
         f"{frequency[head[-1]]:.0f}-{frequency[head[0]]:.0f} training documents",
         flush=True,
     )
@@ -67,16 +70,18 @@ def main() -> None:
     W = np.stack([w for w, _ in fitted])
     b = np.array([bias for _, bias in fitted], np.float32)
     print(f"SVMs fitted, {time.time() - start:.0f} s", flush=True)
-    slot = np.full(num_labels, -1)
-    slot[head] = np.arange(args.labels)
     for name in ("dev", "test"):
         scores, ids = run.candidates(name, args.top)
-        svm_scores = np.asarray(run.tfidf(name) @ W.T) + b  # (N, F)
-        in_head = slot[ids] >= 0
-        at = np.where(in_head, np.take_along_axis(svm_scores, np.maximum(slot[ids], 0), 1), 0.0)
+        svm_scores = np.asarray(run.tfidf(name) @ W.T) + b  # (N, most)
         Y = run.data.splits[name].Y.tocsr()
-        for a in args.mix:
-            report(name, f"a={a:g}", ids, np.where(in_head, (1 - a) * scores + a * at, scores), Y)
+        for count in sorted(args.labels):
+            slot = np.full(num_labels, -1)
+            slot[head[:count]] = np.arange(count)
+            in_head = slot[ids] >= 0
+            at = np.where(in_head, np.take_along_axis(svm_scores, np.maximum(slot[ids], 0), 1), 0.0)
+            for a in args.mix:
+                label = f"a={a:g}" if len(args.labels) == 1 else f"F={count} a={a:g}"
+                report(name, label, ids, np.where(in_head, (1 - a) * scores + a * at, scores), Y)
     print(f"{time.time() - start:.0f} s")
 
 

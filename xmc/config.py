@@ -119,6 +119,11 @@ class ClassifierConfig:
     # N > 0 (fixed_fanin only): the N most frequent training labels get a dense head, the rest the fixed
     # fan-in tail (HASTE): the head's dense gradient teaches the encoder, the tail keeps memory ~ (L - N) K
     dense_head: int = 0
+    # How the dense head learns: sgd (with the tail, and teaching the encoder), or svm: before training,
+    # one squared-hinge linear SVM per head label solved to convergence (liblinear) over the fixed inputs
+    # (bow with dim 0, or features), then frozen; the tail trains as usual. head_c is the SVMs' C.
+    head_fit: str = "sgd"
+    head_c: float = 1.0
     # id, or semantic: the fixed fan-in labels placed so that each group of fan_in_group holds labels that
     # share documents (balanced clustering), not labels with consecutive ids; ids outside stay label ids
     label_order: str = "id"
@@ -194,6 +199,7 @@ CHOICES = {
     "classifier.ids": ("random", "centroid"),
     "classifier.centroid_fill": ("random", "frequent", "related"),
     "classifier.label_order": ("id", "semantic"),
+    "classifier.head_fit": ("sgd", "svm"),
     "classifier.bias_init": ("uniform", "prior"),
     "classifier.set.prune": ("fraction", "threshold"),
     "classifier.set.regrow": ("random", "gradient"),
@@ -222,6 +228,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "classifier.fan_in": (1, None),
     "classifier.fan_in_group": (1, None),
     "classifier.dense_head": (0, None),
+    "classifier.head_c": (0, None),
     "classifier.intermediate": (0, None),
     "classifier.intermediate_fan_in": (0, None),
     "classifier.set.interval": (1, None),

@@ -40,6 +40,19 @@ def build_classifier(config: ClassifierConfig, in_features: int, num_labels: int
             f"but classifier.type={config.type}: set classifier.type=fixed_fanin, or dense_head=0 and "
             "label_order=id"
         )
+    if config.head_fit == "svm":
+        if not config.dense_head:
+            raise ValueError(
+                "classifier.head_fit=svm fits the dense head's labels by SVMs, but classifier.dense_head=0: "
+                "give the head's size, e.g. classifier.dense_head=200 (the most frequent labels)"
+            )
+        if config.dense_head >= num_labels:
+            raise ValueError(
+                f"classifier.head_fit=svm with classifier.dense_head={config.dense_head} of {num_labels} "
+                "labels leaves no tail for gradient descent to train: give a smaller head"
+            )
+        if not config.head_c > 0:
+            raise ValueError(f"classifier.head_c must be positive (the head SVMs' C), got {config.head_c}")
     if config.type == "dense":
         return DenseClassifier(in_features, num_labels, bias=config.bias)
     if config.type == "fixed_fanin":
@@ -64,6 +77,7 @@ def build_classifier(config: ClassifierConfig, in_features: int, num_labels: int
                 bias=config.bias,
                 seed=seed,
                 group=config.fan_in_group,
+                head_trained=config.head_fit == "sgd",
             )
         return FixedFanInClassifier(
             in_features, num_labels, config.fan_in, bias=config.bias, seed=seed, group=config.fan_in_group
@@ -137,7 +151,7 @@ class XMCModel(nn.Module):
         classifier_side = list(self.classifier.parameters())
         if self.meta is not None:
             classifier_side += list(self.meta.parameters())
-        return [p for p in encoder_side if p.requires_grad], classifier_side
+        return [p for p in encoder_side if p.requires_grad], [p for p in classifier_side if p.requires_grad]
 
     def parameter_counts(self) -> dict[str, int]:
         counts = {"encoder": sum(p.numel() for p in self.encoder.parameters())}

@@ -398,6 +398,9 @@ def test_dense_head_row_counts_the_head_dense_and_the_tail_sparse_by_hand():
     assert tail["classifier tail_weights"] == 4 * 90 * 3 and tail["classifier tail_indices"] == 2 * 90 * 2
     assert tail["classifier tail_transpose"] == 4 * 180 + 8 * 9
     assert parts["classifier label_order"] == 16 * 100
+    frozen = estimate(plan(dense_head=10, head_trained=False, precision="fp32"), ("fixed_fanin",))
+    head = {k: v for k, v in frozen["fixed_fanin"].items() if k.startswith("classifier head_")}
+    assert head == {"classifier head_weights": 4 * 10 * 9}  # an SVM head: no gradient, no moments
     with pytest.raises(ValueError, match="--dense-head must lie in 0..100"):
         estimate(plan(dense_head=101))
 
@@ -408,3 +411,6 @@ def test_plan_from_a_config_takes_its_dense_head(tmp_path):
     config = Config(classifier=ClassifierConfig(dense_head=40))
     config.encoder.type, config.encoder.dim = "features", 16
     assert plan_from_config(config, labels=500).dense_head == 40
+    assert plan_from_config(config, labels=500).head_trained
+    config.classifier.head_fit = "svm"
+    assert not plan_from_config(config, labels=500).head_trained

@@ -390,6 +390,59 @@ def test_centroid_ids_over_the_raw_tfidf_vector(tmp_path, synth_data, fill):
         run_training(bad, str(tmp_path / "bad"), progress=False)
 
 
+SVM_HEAD = ["encoder.dim=0", "classifier.dense_head=10", "classifier.head_fit=svm", "classifier.fan_in=16"]
+
+
+def test_svm_head_is_solved_once_and_frozen_through_training_and_resume(tmp_path, synth_data):
+    """classifier.head_fit=svm: the 10 most frequent labels' rows are converged squared-hinge SVMs over
+    the training TF-IDF (the solver's own output on the same inputs), untouched by the tail's training
+    and by a resume; the optimizer holds no state for them, and the run learns."""
+    from xmc.classifiers.head_tail import frequency_order
+    from xmc.classifiers.svm import fit_squared_hinge_svms
+    from xmc.data.bow import read_bow
+    from xmc.encoders import fit_idf, tfidf
+
+    config = _config(tmp_path, synth_data, overrides=[*SVM_HEAD, "train.epochs=1"])
+    first = run_training(config, str(tmp_path / "run"), progress=False)
+    X, Y = read_bow(synth_data / "train.txt")
+    head = frequency_order(Y, 10)[:10]
+    W, b = fit_squared_hinge_svms(tfidf(X, fit_idf(X)), Y.tocsc()[:, head], 1.0)
+    state = load_file(str(tmp_path / "run" / "best.safetensors"))
+    np.testing.assert_allclose(state["classifier.head.weight"].numpy(), W, atol=1e-4)
+    np.testing.assert_allclose(state["classifier.head.bias"].numpy(), b, atol=1e-4)
+    assert first["test"]["P@1"] > 0.5
+    state_bytes = first["classifier_state_bytes"]
+
+    resumed = load_config(tmp_path / "run" / "config.yaml", ["train.epochs=2"])
+    second = run_training(resumed, str(tmp_path / "run"), resume=True, progress=False)
+    after = load_file(str(tmp_path / "run" / "best.safetensors"))
+    assert torch.equal(after["classifier.head.weight"], state["classifier.head.weight"])
+    assert not torch.equal(after["classifier.tail.layer.weight"], state["classifier.tail.layer.weight"])
+    assert _losses(second)[-1] < _losses(second)[0]
+
+    sgd = _config(tmp_path, synth_data, overrides=[*SVM_HEAD[:2], "classifier.fan_in=16", "train.epochs=1"])
+    trained = run_training(sgd, str(tmp_path / "sgd"), progress=False)
+    head_floats = 10 * (300 + 1)  # the frozen head: weights only; a trained one adds gradients, 2 moments
+    assert trained["classifier_state_bytes"] - state_bytes == 3 * 4 * head_floats
+
+
+@pytest.mark.parametrize(
+    "overrides, problem",
+    [
+        (["encoder.dim=0", "classifier.head_fit=svm"], "classifier.dense_head=0"),
+        ([*SVM_HEAD, "classifier.dense_head=60"], "leaves no tail"),
+        ([*SVM_HEAD, "classifier.head_c=0"], "head_c must be positive"),
+        (SVM_HEAD[1:], "encoder.dim=0"),  # a learned projection: no fixed inputs to solve over
+        ([*SVM_HEAD, "classifier.head_fit=newton"], "classifier.head_fit"),
+    ],
+    ids=["no-head", "all-head", "c", "projection", "choice"],
+)
+def test_svm_head_misconfigurations_are_named(tmp_path, synth_data, overrides, problem):
+    with pytest.raises(ValueError, match=problem):
+        run_training(_config(tmp_path, synth_data, overrides=overrides), str(tmp_path / "r"), progress=False)
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("layout", [["classifier.type=dense"], HEAD_TAIL], ids=["dense", "head-tail"])
 def test_prior_bias_starts_at_the_label_log_odds(tmp_path, synth_data, layout):
     from xmc.data.bow import read_bow

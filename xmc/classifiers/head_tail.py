@@ -12,6 +12,10 @@ labels; with N = L a dense layer over permuted labels.
 The loss is one mean over all B x L pairs: the head's and the tail's own chunked (fused) losses, each a
 mean over its part, weighted by their label counts. The encoder thus gets a dense gradient from the
 head's labels, which the sparse tail alone would give it only through K of D inputs per label.
+
+With ``head_trained=False`` (``classifier.head_fit=svm``) the head is fitted outside gradient descent
+(:mod:`xmc.classifiers.svm`, over fixed inputs) and frozen: its weights are no ``label_parameters``, take
+no gradient or optimizer state, and the loss is the tail's share alone (the head's term is a constant).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class HeadTailClassifier(Classifier):
         *,
         seed: int = 0,
         group: int = 1,
+        head_trained: bool = True,
     ) -> None:
         super().__init__()
         if not 0 <= head_size <= num_labels:
@@ -49,6 +54,9 @@ class HeadTailClassifier(Classifier):
             )
         self.in_features, self.num_labels, self.head_size = in_features, num_labels, head_size
         self.head = DenseClassifier(in_features, head_size, bias) if head_size else None
+        self.head_trained = head_trained
+        if self.head is not None and not head_trained:
+            self.head.requires_grad_(False)
         tail = num_labels - head_size
         self.tail = (
             FixedFanInClassifier(in_features, tail, fan_in, bias, seed=seed, group=group) if tail else None
@@ -79,6 +87,24 @@ class HeadTailClassifier(Classifier):
     def parts(self) -> list[Classifier]:
         return [p for p in (self.head, self.tail) if p is not None]
 
+    def trained_parts(self) -> list[Classifier]:
+        """The parts gradient descent trains: both, or the tail alone when the head is frozen."""
+        return [p for p in self.parts() if p is not self.head or self.head_trained]
+
+    @torch.no_grad()
+    def set_head(self, weight: torch.Tensor | np.ndarray, bias: torch.Tensor | np.ndarray | None) -> None:
+        """Set the head's weights (N, D) and bias (N,) in its own order (position i: label ``order[i]``)."""
+        if self.head is None:
+            raise ValueError("this classifier has no dense head (classifier.dense_head = 0)")
+        weight = torch.as_tensor(np.asarray(weight))
+        if weight.shape != self.head.weight.shape:
+            raise ValueError(
+                f"head weights of shape {tuple(weight.shape)}, expected {tuple(self.head.weight.shape)}"
+            )
+        self.head.weight.copy_(weight.to(self.head.weight.dtype))
+        if self.head.bias is not None and bias is not None:
+            self.head.bias.copy_(torch.as_tensor(np.asarray(bias)).to(self.head.bias.dtype))
+
     @torch.no_grad()
     def set_order(self, order: torch.Tensor | np.ndarray) -> None:
         """Store labels in ``order`` (position -> label id; the first ``head_size`` form the head)."""
@@ -106,9 +132,9 @@ class HeadTailClassifier(Classifier):
             raise ValueError(
                 f"positives over {positives.num_labels} labels for a {self.num_labels}-label classifier"
             )
-        total = None
+        total, trained = None, self.trained_parts()
         for part, pos in zip((self.head, self.tail), self.split(positives), strict=True):
-            if part is None:
+            if part is None or part not in trained:
                 continue
             term = part.loss(h, pos, kind) * (part.num_labels / self.num_labels)
             total = term if total is None else total + term
@@ -127,13 +153,13 @@ class HeadTailClassifier(Classifier):
         """As :meth:`chunk_logits`, over internal positions: the input gradient and, per entry of
         :meth:`label_parameters`, the gradient of its rows inside the range (empty rows for a part the
         range misses)."""
-        n, grad_h, grads = self.head_size, None, []
+        n, grad_h, grads, trained = self.head_size, None, [], self.trained_parts()
         ranges = (
             (self.head, start, min(stop, n), 0),
             (self.tail, max(start, n) - n, stop - n, max(start, n) - start),
         )
         for part, a, b, at in ranges:
-            if part is None:
+            if part is None or part not in trained:
                 continue
             if a >= b:
                 grads += [p[:0] for p in part.label_parameters()]
@@ -185,7 +211,7 @@ class HeadTailClassifier(Classifier):
         return done
 
     def label_parameters(self) -> list[nn.Parameter]:
-        return [p for part in self.parts() for p in part.label_parameters()]
+        return [p for part in self.trained_parts() for p in part.label_parameters()]
 
     @classmethod
     def state_bytes(
@@ -201,9 +227,11 @@ class HeadTailClassifier(Classifier):
         head: int = 0,
         fan_in: int = 32,
         group: int = 1,
+        head_trained: bool = True,
     ) -> dict[str, int]:
         """The head's components prefixed ``head_``, the tail's ``tail_``, the two int64 permutation
-        buffers, and the loss's transient buffers once: the parts' losses run one after the other."""
+        buffers, and the loss's transient buffers once: the parts' losses run one after the other. A
+        frozen head (``head_trained=False``) holds its weights and bias only."""
         common = dict(
             batch_size=batch_size,
             optimizer=optimizer,
@@ -213,7 +241,9 @@ class HeadTailClassifier(Classifier):
         )
         parts = {}
         transient = {"logits": 0, "chunk_gradient": 0}
-        if head:
+        if head and not head_trained:
+            parts["head_weights"] = (head * in_features + (head if bias else 0)) * param_bytes
+        elif head:
             dense = DenseClassifier.state_bytes(in_features, head, **common)
             parts.update({f"head_{k}": v for k, v in dense.items() if k not in transient})
             transient = {k: max(transient[k], dense[k]) for k in transient}
@@ -228,6 +258,8 @@ class HeadTailClassifier(Classifier):
 
     def shape_options(self) -> dict:
         options = {"bias": self.parts()[0].label_bias() is not None, "head": self.head_size}
+        if not self.head_trained:
+            options["head_trained"] = False
         if self.tail is not None:
             options["fan_in"] = self.tail.fan_in
             options["group"] = self.tail.group

@@ -62,6 +62,7 @@ class Plan:
     dense_head: int = (
         0  # N > 0: the fixed fan-in row holds a dense head over N labels and the tail over L - N
     )
+    head_trained: bool = True  # False: a frozen SVM head (classifier.head_fit=svm), weights only
     batch: int = 64
     seq_len: int = 128
     precision: str = "bf16"  # fp32, bf16 or fp16 (autocast over fp32 parameters)
@@ -192,6 +193,8 @@ def estimate(plan: Plan, names: tuple[str, ...] | None = None) -> dict[str, dict
                 options["group"] = plan.fan_in_group
             if plan.dense_head:
                 options["head"] = plan.dense_head
+                if not plan.head_trained:
+                    options["head_trained"] = False
         elif name == "rps":  # every rank holds the whole array: its size follows the total L
             options["size"] = math.ceil(plan.labels * plan.width / plan.rps_compression)
         optimizer = plan.optimizer
@@ -401,6 +404,7 @@ def plan_from_config(config, labels: int | None = None, features: int | None = N
         fan_in=config.classifier.fan_in,
         fan_in_group=config.classifier.fan_in_group,
         dense_head=config.classifier.dense_head if config.classifier.type == "fixed_fanin" else 0,
+        head_trained=config.classifier.head_fit == "sgd",
         batch=config.train.batch_size,
         seq_len=enc.max_length,
         precision=precision,

@@ -141,7 +141,8 @@ def build_optimizers(config: Config, model, num_labels: int | None = None) -> li
 def _per_label_groups(model, lr: float, weight_decay: float, num_labels: int | None) -> list[dict]:
     """SGD parameter groups of the classifier side whose learning rate is per label (see
     :func:`build_optimizers`): the classifier's scaled by L, the meta head's by its cluster count."""
-    scaled = [(list(model.classifier.parameters()), num_labels or model.classifier.num_labels)]
+    trained = [p for p in model.classifier.parameters() if p.requires_grad]  # not a frozen SVM head
+    scaled = [(trained, num_labels or model.classifier.num_labels)]
     if getattr(model, "meta", None) is not None:
         scaled.append((list(model.meta.parameters()), model.meta.num_clusters))
     return [

@@ -99,18 +99,27 @@ def _label_order(config: Config, model: XMCModel, data, inputs) -> None:
     model.classifier.set_order(order)
 
 
+def _check_fixed_inputs(config: Config, what: str, otherwise: str) -> None:
+    """Raise unless the classifier reads the input features as they are (no trainable layer before it)."""
+    enc = config.encoder
+    fixed_inputs = (enc.type == "bow" and enc.dim == 0) or enc.type == "features"
+    if config.classifier.intermediate or not fixed_inputs:
+        raise ValueError(
+            f"{what}, so the classifier must read them as they are: encoder.type=bow with encoder.dim=0, or "
+            f"encoder.type=features, and classifier.intermediate=0; {otherwise}"
+        )
+
+
 def _centroid_ids(config: Config, model: XMCModel, data, inputs) -> None:
     """``classifier.ids=centroid``: each label starts at its training documents' strongest inputs."""
     from xmc.sparse.centroid import init_centroid_ids
 
-    cfg, enc = config.classifier, config.encoder
-    fixed_inputs = (enc.type == "bow" and enc.dim == 0) or enc.type == "features"
-    if cfg.intermediate or not fixed_inputs:
-        raise ValueError(
-            "classifier.ids=centroid picks each label's ids from its documents' input features, so the "
-            "classifier must read them as they are: encoder.type=bow with encoder.dim=0, or "
-            "encoder.type=features, and classifier.intermediate=0; use classifier.ids=random otherwise"
-        )
+    cfg = config.classifier
+    _check_fixed_inputs(
+        config,
+        "classifier.ids=centroid picks each label's ids from its documents' input features",
+        "use classifier.ids=random otherwise",
+    )
     started = time.perf_counter()
     X, Y = _train_inputs(config, data, inputs)
     classifier = model.classifier
@@ -133,6 +142,24 @@ def _centroid_ids(config: Config, model: XMCModel, data, inputs) -> None:
         100 * report["filled"],
         fill,
     )
+
+
+def _svm_head(config: Config, model: XMCModel, data, inputs, progress: bool) -> None:
+    """``classifier.head_fit=svm``: the dense head's labels fitted by converged SVMs over the training
+    inputs (:mod:`xmc.classifiers.svm`), then frozen through training."""
+    from xmc.classifiers.head_tail import sp_columns
+    from xmc.classifiers.svm import fit_squared_hinge_svms
+
+    _check_fixed_inputs(
+        config,
+        "classifier.head_fit=svm solves the head's SVMs once over the input features",
+        "use classifier.head_fit=sgd otherwise",
+    )
+    classifier = model.classifier
+    X, Y = _train_inputs(config, data, inputs)
+    Y = sp_columns(Y, classifier.order[: classifier.head_size].numpy())
+    W, b = fit_squared_hinge_svms(X, Y, config.classifier.head_c, seed=config.seed, progress=progress)
+    classifier.set_head(W, b)
 
 
 def run_training(
@@ -209,6 +236,8 @@ def _run(
         _centroid_ids(config, model, data, inputs)
     if config.classifier.bias_init == "prior":
         _prior_bias(model, data.splits["train"].Y)
+    if config.classifier.head_fit == "svm" and not resume:  # a resumed run's checkpoint holds the head
+        _svm_head(config, model, data, inputs, progress)
     model = par.prepare(model, device)  # label shard
     if place.is_main:
         save_config(config, run / "config.yaml")
