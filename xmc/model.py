@@ -8,6 +8,7 @@ atomically, with modules' extra state such as a bag-of-words vocabulary as JSON 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from xmc.config import ClassifierConfig, Config
 from xmc.data.atomic import atomic_open
 from xmc.losses import Positives
 
+log = logging.getLogger(__name__)
+
 
 def build_classifier(config: ClassifierConfig, in_features: int, num_labels: int, seed: int) -> Classifier:
     if config.fan_in_group < 1:
@@ -34,13 +37,18 @@ def build_classifier(config: ClassifierConfig, in_features: int, num_labels: int
             f"classifier.fan_in_group={config.fan_in_group} groups the ids of a fixed fan-in classifier, but "
             f"classifier.type={config.type}: set classifier.type=fixed_fanin or classifier.fan_in_group=1"
         )
-    if (config.dense_head or config.label_order != "id") and config.type != "fixed_fanin":
-        raise ValueError(
-            "classifier.dense_head and classifier.label_order=semantic shape a fixed fan-in classifier, "
-            f"but classifier.type={config.type}: set classifier.type=fixed_fanin, or dense_head=0 and "
-            "label_order=id"
+    fixed_fanin = config.type == "fixed_fanin"
+    if (config.dense_head or config.label_order != "id") and not fixed_fanin:
+        # Like fan_in, ids and set: fixed fan-in options that another type ignores (the default config's
+        # head must not stop `xmc train classifier.type=dense`), said once in the log.
+        log.warning(
+            "classifier.type=%s ignores the fixed fan-in options classifier.dense_head=%d and label_order=%s "
+            "(and head_fit): they shape a fixed fan-in classifier's head and tail",
+            config.type,
+            config.dense_head,
+            config.label_order,
         )
-    if config.head_fit == "svm":
+    if fixed_fanin and config.head_fit == "svm":
         if not config.dense_head:
             raise ValueError(
                 "classifier.head_fit=svm fits the dense head's labels by SVMs, but classifier.dense_head=0: "

@@ -236,7 +236,8 @@ def _run(
         _centroid_ids(config, model, data, inputs)
     if config.classifier.bias_init == "prior":
         _prior_bias(model, data.splits["train"].Y)
-    if config.classifier.head_fit == "svm" and not resume:  # a resumed run's checkpoint holds the head
+    head = getattr(model.classifier, "head", None)
+    if config.classifier.head_fit == "svm" and head is not None and not resume:  # else the checkpoint's
         _svm_head(config, model, data, inputs, progress)
     model = par.prepare(model, device)  # label shard
     if place.is_main:
