@@ -44,8 +44,13 @@ RESULTS = Path(__file__).parent / "results" / "fips.jsonl"
 SMALL = ROOT / "data" / "eurlex57k-small"
 # Dense classifier on frozen 384-d features: lr 0.1 against 0.003-0.03 (dev P@1 79.8 against 62.3-78.8 on the
 # shipped subset's validation split, original encoder); early stopping on that split.
-CLASSIFIER = [
+CLASSIFIER = [  # the main command's data and split, its classifier as it was when these rows ran
     "classifier.type=dense",
+    "classifier.dense_head=0",
+    "classifier.head_fit=sgd",
+    "classifier.ids=random",
+    "train.loss=bce",
+    "train.select=P@1",
     "encoder.dropout=0.0",
     "train.epochs=30",
     "train.batch_size=64",
