@@ -49,13 +49,13 @@ def test_reproducible_over_worker_counts():
 def test_a_label_without_positives_or_negatives_gets_the_margin():
     X = sp.random(50, 10, density=0.5, random_state=4, format="csr")
     Y = sp.csr_matrix(np.stack([np.zeros(50), np.ones(50), np.arange(50) % 2], 1))
-    W, b = fit_squared_hinge_svms(X, Y)
+    W, b = fit_squared_hinge_svms(X, Y, jobs=1)
     assert (W[:2] == 0).all() and b[0] == -1 and b[1] == 1 and np.abs(W[2]).sum() > 0
 
 
 def test_bad_arguments_are_named():
     X = sp.random(20, 5, density=0.5, random_state=5, format="csr")
     with pytest.raises(ValueError, match="head_c must be positive"):
-        fit_squared_hinge_svms(X, sp.csr_matrix((20, 2)), C=0)
+        fit_squared_hinge_svms(X, sp.csr_matrix((20, 2)), C=0, jobs=1)
     with pytest.raises(ValueError, match="20 input rows for 19 label rows"):
         fit_squared_hinge_svms(X, sp.csr_matrix((19, 2)))

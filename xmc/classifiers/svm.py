@@ -10,7 +10,10 @@ batches, over one float64 CSR copy of the inputs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
 import warnings
 
@@ -88,19 +91,18 @@ def fit_squared_hinge_svms(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_labels, desc="head SVMs", unit="label", leave=False)
-    if jobs == 1:
-        results = (_fit_batch(X, [columns[j] for j in batch], C, seed) for batch in batches)
-    else:
-        from joblib import Parallel, delayed
+    with _workers(jobs) as pool:
+        if pool is None:
+            results = (_fit_batch(X, [columns[j] for j in batch], C, seed) for batch in batches)
+        else:
+            from joblib import delayed
 
-        results = Parallel(n_jobs=jobs, backend="loky", return_as="generator")(
-            delayed(_fit_batch)(X, [columns[j] for j in batch], C, seed) for batch in batches
-        )
-    for batch, (w, bias, stalled) in zip(batches, results, strict=True):
-        W[batch], b[batch] = w, bias
-        unconverged += [int(batch[i]) for i in stalled]
-        if bar is not None:
-            bar.update(len(batch))
+            results = pool(delayed(_fit_batch)(X, [columns[j] for j in batch], C, seed) for batch in batches)
+        for batch, (w, bias, stalled) in zip(batches, results, strict=True):
+            W[batch], b[batch] = w, bias
+            unconverged += [int(batch[i]) for i in stalled]
+            if bar is not None:
+                bar.update(len(batch))
     if bar is not None:
         bar.close()
     if unconverged:
@@ -114,6 +116,31 @@ def fit_squared_hinge_svms(
         )
     log.info("%d head SVMs in %.1f s", num_labels, time.perf_counter() - started)
     return W, b
+
+
+@contextlib.contextmanager
+def _workers(jobs: int):
+    """joblib's worker processes for ``jobs`` > 1 (None for 1), stopped on the way out: not left idle
+    holding memory through training, and not left running when the fit stops. SIGTERM (a scheduler's
+    stop) is turned into KeyboardInterrupt meanwhile, which joblib answers by terminating its workers."""
+    if jobs == 1:
+        yield None
+        return
+    from joblib import Parallel
+    from joblib.externals.loky import get_reusable_executor
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum} while fitting the head SVMs")
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield Parallel(n_jobs=jobs, backend="loky", return_as="generator")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        get_reusable_executor().shutdown(wait=True, kill_workers=True)
 
 
 def _fit_batch(X, positives: list[np.ndarray], C: float, seed: int):
