@@ -71,6 +71,7 @@ def row_of(name: str, config: Config, metrics: dict) -> dict:
         "dropout": config.encoder.dropout,
         "fan_in": config.classifier.fan_in if config.classifier.type == "fixed_fanin" else None,
         "dense_head": config.classifier.dense_head,
+        "head_fit": config.classifier.head_fit,
         "ids": config.classifier.ids,
         "centroid_fill": config.classifier.centroid_fill,
         # the rewiring schedule when on (null: the ids stay as they start)

@@ -139,14 +139,20 @@ def test_orders_put_the_head_first_and_the_tail_in_related_groups():
     }
 
 
-def test_label_sharding_and_wrong_settings_say_what_to_do():
+def test_label_sharding_and_wrong_settings_say_what_to_do(caplog):
+    import logging
+
+    from xmc.classifiers import DenseClassifier
     from xmc.config import ClassifierConfig
     from xmc.model import build_classifier
 
     with pytest.raises(ValueError, match="train.parallel=data"):
         HeadTailClassifier(8, 20, 5, 2).shard(0, 2)
-    with pytest.raises(ValueError, match="classifier.type=fixed_fanin"):
-        build_classifier(ClassifierConfig(type="dense", dense_head=4), 8, 20, 0)
+    # Fixed fan-in options that another type ignores, with a warning (the default config has a head).
+    with caplog.at_level(logging.WARNING, logger="xmc.model"):
+        dense = build_classifier(ClassifierConfig(type="dense", dense_head=4, head_fit="svm"), 8, 20, 0)
+    assert isinstance(dense, DenseClassifier) and dense.num_labels == 20
+    assert "classifier.type=dense ignores" in caplog.text and "dense_head=4" in caplog.text
     with pytest.raises(ValueError, match="exceeds the 20 labels"):
         build_classifier(ClassifierConfig(dense_head=21, fan_in=2), 8, 20, 0)
     with pytest.raises(ValueError, match="permutation"):
