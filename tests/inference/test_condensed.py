@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -85,6 +86,10 @@ def test_condensed_model_predicts_the_trained_top_k(tmp_path, data, layout):
         assert np.array_equal(saved[:, :70], ranked) and (saved[:, 70:] == -1).all()
     if layout.get("gamma"):
         assert condensed.intermediate.rows < 16, "the ablated neurons are not exported"
+    sizes = json.loads((tmp_path / "small" / "model.json").read_text())["condensed"]["bytes"]
+    state = trained.model.encoder.state_dict()
+    encoder = sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+    assert sizes["encoder"] == encoder  # a dense head counts as the classifier's, not the encoder's
     X = read_bow(data / "test.txt")[0]
     want_scores, want_ids = trained.topk(trained.inputs(SplitSource(X=X)), 10)
     scores, ids = condensed.topk(condensed.inputs(SplitSource(X=X)), 10, batch_size=7)

@@ -39,6 +39,7 @@ def export_condensed(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
     state = model.encoder.state_dict()
     tensors = {f"encoder.{k}": v.detach().contiguous() for k, v in state.items() if torch.is_tensor(v)}
     extra = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+    sizes = {"encoder": sum(v.numel() * v.element_size() for v in tensors.values())}
     layers = {"classifier": classifier.layer}
     if isinstance(
         classifier, HeadTailClassifier
@@ -51,7 +52,6 @@ def export_condensed(run_dir: str | os.PathLike, out_dir: str | os.PathLike) -> 
         tensors.update({f"classifier.{k}": v.contiguous() for k, v in head.items()})
     if model.intermediate is not None:
         layers["intermediate"] = model.intermediate
-    sizes = {"encoder": sum(v.numel() * v.element_size() for v in tensors.values())}
     for name, layer in layers.items():
         if isinstance(layer, FixedFanInLinear):
             # A grouped layer's ids are written per label: the condensed format has one id row per output.
