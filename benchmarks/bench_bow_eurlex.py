@@ -95,6 +95,7 @@ def row_of(name: str, config: Config, metrics: dict) -> dict:
         "classifier_lr": config.train.classifier_lr,
         "classifier_weight_decay": config.train.classifier_weight_decay,
         "train_seconds": round(metrics["train_seconds"], 1),
+        "head_fit_seconds": metrics.get("head_fit_seconds"),  # classifier.head_fit=svm, before training
         "peak_rss_bytes": metrics["peak_memory_bytes"].get("rss"),
         "classifier_bytes": metrics["classifier_bytes"],
         "classifier_state_bytes": classifier_state_bytes(config, width, num_labels),

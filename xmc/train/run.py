@@ -236,9 +236,11 @@ def _run(
         _centroid_ids(config, model, data, inputs)
     if config.classifier.bias_init == "prior":
         _prior_bias(model, data.splits["train"].Y)
-    head = getattr(model.classifier, "head", None)
+    head, head_fit_seconds = getattr(model.classifier, "head", None), None
     if config.classifier.head_fit == "svm" and head is not None and not resume:  # else the checkpoint's
+        fit_started = time.perf_counter()
         _svm_head(config, model, data, inputs, progress)
+        head_fit_seconds = time.perf_counter() - fit_started
     model = par.prepare(model, device)  # label shard
     if place.is_main:
         save_config(config, run / "config.yaml")
@@ -293,6 +295,7 @@ def _run(
     results.update(
         peak_memory_bytes=peak_memory(device),
         train_seconds=train_seconds,
+        head_fit_seconds=head_fit_seconds,  # the SVM head solved before training (None: not this session)
         total_seconds=time.perf_counter() - started,
         examples_per_second=examples / max(train_seconds, 1e-9),
         epochs=position.epoch,
