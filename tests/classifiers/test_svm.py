@@ -59,3 +59,38 @@ def test_bad_arguments_are_named():
         fit_squared_hinge_svms(X, sp.csr_matrix((20, 2)), C=0, jobs=1)
     with pytest.raises(ValueError, match="20 input rows for 19 label rows"):
         fit_squared_hinge_svms(X, sp.csr_matrix((19, 2)))
+
+
+def test_sigterm_during_the_fit_interrupts_and_stops_the_workers():
+    """A scheduler's SIGTERM while the workers fit raises KeyboardInterrupt (the run's Ctrl-C path: an
+    unstarted run folder is removed) and leaves no worker process behind; the handler is restored."""
+    import os
+    import signal
+
+    from joblib import delayed
+    from joblib.externals.loky import reusable_executor
+
+    from xmc.classifiers.svm import _workers
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="while fitting the head SVMs"):
+        with _workers(2) as pool:
+            assert list(pool(delayed(abs)(-i) for i in range(3))) == [0, 1, 2]  # the workers are up
+            workers = list(reusable_executor._executor._processes.values())
+            assert workers
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before
+    for process in workers:
+        process.join(timeout=10)
+        assert not process.is_alive()
+
+
+def test_the_workers_stop_when_the_fit_ends():
+    """Not left idling (holding their copies of the inputs) through training."""
+    from joblib.externals.loky import reusable_executor
+
+    X = sp.random(60, 10, density=0.5, random_state=6, format="csr")
+    Y = sp.random(60, 4, density=0.3, random_state=7, format="csr")
+    fit_squared_hinge_svms(X, Y, jobs=2)
+    executor = reusable_executor._executor
+    assert executor is None or not any(p.is_alive() for p in executor._processes.values())

@@ -127,7 +127,7 @@ def _workers(jobs: int):
         yield None
         return
     from joblib import Parallel
-    from joblib.externals.loky import get_reusable_executor
+    from joblib.externals.loky import reusable_executor
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum} while fitting the head SVMs")
@@ -140,7 +140,11 @@ def _workers(jobs: int):
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        get_reusable_executor().shutdown(wait=True, kill_workers=True)
+        # joblib keeps loky's one reusable executor alive for later calls (private, but the only handle:
+        # get_reusable_executor() with other arguments would start a new one); tests check it is stopped
+        executor = reusable_executor._executor
+        if executor is not None:
+            executor.shutdown(wait=True, kill_workers=True)
 
 
 def _fit_batch(X, positives: list[np.ndarray], C: float, seed: int):
