@@ -124,6 +124,9 @@ class ClassifierConfig:
     # (bow with dim 0, or features), then frozen; the tail trains as usual. head_c is the SVMs' C.
     head_fit: str = "sgd"
     head_c: float = 1.0
+    # svm: worker processes fitting the head (0 = torch's thread count); each holds its own liblinear copy
+    # of the training inputs (about 1 GB at 40,000 documents x 200,000 TF-IDF terms), so cap it on big hosts
+    head_jobs: int = 0
     # id, or semantic: the fixed fan-in labels placed so that each group of fan_in_group holds labels that
     # share documents (balanced clustering), not labels with consecutive ids; ids outside stay label ids
     label_order: str = "id"
@@ -229,6 +232,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "classifier.fan_in_group": (1, None),
     "classifier.dense_head": (0, None),
     "classifier.head_c": (0, None),
+    "classifier.head_jobs": (0, None),
     "classifier.intermediate": (0, None),
     "classifier.intermediate_fan_in": (0, None),
     "classifier.set.interval": (1, None),

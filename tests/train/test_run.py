@@ -402,11 +402,11 @@ def test_svm_head_is_solved_once_and_frozen_through_training_and_resume(tmp_path
     from xmc.data.bow import read_bow
     from xmc.encoders import fit_idf, tfidf
 
-    config = _config(tmp_path, synth_data, overrides=[*SVM_HEAD, "train.epochs=1"])
-    first = run_training(config, str(tmp_path / "run"), progress=False)
+    config = _config(tmp_path, synth_data, overrides=[*SVM_HEAD, "train.epochs=1", "classifier.head_jobs=1"])
+    first = run_training(config, str(tmp_path / "run"), progress=False)  # the reference below uses 2
     X, Y = read_bow(synth_data / "train.txt")
     head = frequency_order(Y, 10)[:10]
-    W, b = fit_squared_hinge_svms(tfidf(X, fit_idf(X)), Y.tocsc()[:, head], 1.0)
+    W, b = fit_squared_hinge_svms(tfidf(X, fit_idf(X)), Y.tocsc()[:, head], 1.0, jobs=2)
     state = load_file(str(tmp_path / "run" / "best.safetensors"))
     np.testing.assert_allclose(state["classifier.head.weight"].numpy(), W, atol=1e-4)
     np.testing.assert_allclose(state["classifier.head.bias"].numpy(), b, atol=1e-4)
@@ -434,8 +434,9 @@ def test_svm_head_is_solved_once_and_frozen_through_training_and_resume(tmp_path
         ([*SVM_HEAD, "classifier.head_c=0"], "head_c must be positive"),
         (SVM_HEAD[1:], "encoder.dim=0"),  # a learned projection: no fixed inputs to solve over
         ([*SVM_HEAD, "classifier.head_fit=newton"], "classifier.head_fit"),
+        ([*SVM_HEAD, "classifier.head_jobs=-1"], "classifier.head_jobs"),
     ],
-    ids=["no-head", "all-head", "c", "projection", "choice"],
+    ids=["no-head", "all-head", "c", "projection", "choice", "jobs"],
 )
 def test_svm_head_misconfigurations_are_named(tmp_path, synth_data, overrides, problem):
     with pytest.raises(ValueError, match=problem):

@@ -158,7 +158,10 @@ def _svm_head(config: Config, model: XMCModel, data, inputs, progress: bool) -> 
     classifier = model.classifier
     X, Y = _train_inputs(config, data, inputs)
     Y = sp_columns(Y, classifier.order[: classifier.head_size].numpy())
-    W, b = fit_squared_hinge_svms(X, Y, config.classifier.head_c, seed=config.seed, progress=progress)
+    cfg = config.classifier
+    W, b = fit_squared_hinge_svms(
+        X, Y, cfg.head_c, jobs=cfg.head_jobs or None, seed=config.seed, progress=progress
+    )
     classifier.set_head(W, b)
 
 
