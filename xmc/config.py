@@ -125,7 +125,7 @@ class ClassifierConfig:
     head_fit: str = "sgd"
     head_c: float = 1.0
     # svm: worker processes fitting the head (0 = torch's thread count); each holds its own liblinear copy
-    # of the training inputs (about 1 GB at 40,000 documents x 200,000 TF-IDF terms), so cap it on big hosts
+    # of the training inputs (0.6-1.0 GB resident at 40,500 documents x 200,000 terms), so cap it on big hosts
     head_jobs: int = 0
     # id, or semantic: the fixed fan-in labels placed so that each group of fan_in_group holds labels that
     # share documents (balanced clustering), not labels with consecutive ids; ids outside stay label ids
