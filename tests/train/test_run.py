@@ -426,6 +426,19 @@ def test_svm_head_is_solved_once_and_frozen_through_training_and_resume(tmp_path
     assert trained["classifier_state_bytes"] - state_bytes == 3 * 4 * head_floats
 
 
+def test_setup_steps_share_one_copy_of_the_training_inputs(tmp_path, synth_data, monkeypatch):
+    """Semantic order, centroid ids and the SVM head all read the training split's inputs: built once."""
+    import xmc.train.run as run_module
+
+    calls = []
+    build = run_module._train_inputs
+    monkeypatch.setattr(run_module, "_train_inputs", lambda *a: calls.append(1) or build(*a))
+    overrides = [*SVM_HEAD, *HEAD_TAIL[1:], "classifier.ids=centroid", "classifier.head_jobs=1"]
+    config = _config(tmp_path, synth_data, overrides=[*overrides, "train.epochs=1"])
+    metrics = run_training(config, str(tmp_path / "run"), progress=False)
+    assert len(calls) == 1 and metrics["head_fit_seconds"] > 0
+
+
 @pytest.mark.parametrize(
     "overrides, problem",
     [

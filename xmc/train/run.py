@@ -8,6 +8,7 @@ model without the training data), checkpoints, ``best.safetensors``, ``predictio
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import shutil
@@ -36,19 +37,20 @@ log = logging.getLogger(__name__)
 PREDICT_K = 100
 
 
-def _label_clusters(config: Config, data, inputs) -> np.ndarray:
+def _label_clusters(config: Config, data, train_inputs) -> np.ndarray:
     """Balanced label clusters from the training documents' features (TF-IDF or embeddings; for a
     transformer, a TF-IDF of the training texts), cached by the source files' checksums."""
     from xmc.clusters import cluster_labels
 
-    X, Y = _train_inputs(config, data, inputs)
+    X, Y = train_inputs()
     source = data.sources[data.splits["train"].source]
     return cluster_labels(X, Y, config.classifier.meta.clusters, config.seed, sources=source.sources)
 
 
 def _train_inputs(config: Config, data, inputs):
     """The training split's (X, Y), X the TF-IDF rows or embeddings the encoder reads (for a transformer,
-    a TF-IDF of the training texts)."""
+    a TF-IDF of the training texts). The setup steps that need them share one copy (``train_inputs`` in
+    :func:`_run`): they read it and never change its values."""
     from xmc.encoders import BowInputs, build_vocabulary, count_matrix, fit_weights, tfidf
 
     split = data.splits["train"]
@@ -84,7 +86,7 @@ def _prior_bias(model: XMCModel, Y) -> None:
         raise ValueError("classifier.bias_init=prior needs classifier.bias=true")
 
 
-def _label_order(config: Config, model: XMCModel, data, inputs) -> None:
+def _label_order(config: Config, model: XMCModel, data, train_inputs) -> None:
     """A dense head's labels (the most frequent) first, then the tail, semantically ordered on request."""
     from xmc.classifiers.head_tail import frequency_order, semantic_order
 
@@ -93,7 +95,7 @@ def _label_order(config: Config, model: XMCModel, data, inputs) -> None:
     order = frequency_order(Y, cfg.dense_head)
     if cfg.label_order == "semantic":
         started = time.perf_counter()
-        X, Y = _train_inputs(config, data, inputs)
+        X, Y = train_inputs()
         order = semantic_order(order, cfg.dense_head, X, Y, cfg.fan_in_group, config.seed)
         log.info("semantic label order in %.1f s", time.perf_counter() - started)
     model.classifier.set_order(order)
@@ -110,7 +112,7 @@ def _check_fixed_inputs(config: Config, what: str, otherwise: str) -> None:
         )
 
 
-def _centroid_ids(config: Config, model: XMCModel, data, inputs) -> None:
+def _centroid_ids(config: Config, model: XMCModel, train_inputs) -> None:
     """``classifier.ids=centroid``: each label starts at its training documents' strongest inputs."""
     from xmc.sparse.centroid import init_centroid_ids
 
@@ -121,7 +123,7 @@ def _centroid_ids(config: Config, model: XMCModel, data, inputs) -> None:
         "use classifier.ids=random otherwise",
     )
     started = time.perf_counter()
-    X, Y = _train_inputs(config, data, inputs)
+    X, Y = train_inputs()
     classifier = model.classifier
     if getattr(classifier, "head_size", 0) == classifier.num_labels:  # all labels dense: no ids to pick
         return
@@ -144,7 +146,7 @@ def _centroid_ids(config: Config, model: XMCModel, data, inputs) -> None:
     )
 
 
-def _svm_head(config: Config, model: XMCModel, data, inputs, progress: bool) -> None:
+def _svm_head(config: Config, model: XMCModel, train_inputs, progress: bool) -> None:
     """``classifier.head_fit=svm``: the dense head's labels fitted by converged SVMs over the training
     inputs (:mod:`xmc.classifiers.svm`), then frozen through training."""
     from xmc.classifiers.head_tail import sp_columns
@@ -156,7 +158,7 @@ def _svm_head(config: Config, model: XMCModel, data, inputs, progress: bool) -> 
         "use classifier.head_fit=sgd otherwise",
     )
     classifier = model.classifier
-    X, Y = _train_inputs(config, data, inputs)
+    X, Y = train_inputs()
     Y = sp_columns(Y, classifier.order[: classifier.head_size].numpy())
     cfg = config.classifier
     W, b = fit_squared_hinge_svms(
@@ -230,20 +232,24 @@ def _run(
         from xmc.classifiers.meta import cluster_count
 
         meta.clusters = cluster_count(data.num_labels)
-    clusters = _label_clusters(config, data, inputs) if meta.enabled else None
+    # The training split's inputs, built on first use and shared by the setup steps below (for a
+    # transformer a TF-IDF of its texts); released before training.
+    train_inputs = functools.cache(lambda: _train_inputs(config, data, inputs))
+    clusters = _label_clusters(config, data, train_inputs) if meta.enabled else None
     model = build_model(config, encoder, data.num_labels, clusters)
     if hasattr(model.classifier, "set_order"):  # deterministic: a resumed run's checkpoint holds the same
-        _label_order(config, model, data, inputs)
+        _label_order(config, model, data, train_inputs)
     # Like fan_in and set, ids is a fixed fan-in option: other classifiers ignore it.
     if config.classifier.ids == "centroid" and config.classifier.type == "fixed_fanin" and not resume:
-        _centroid_ids(config, model, data, inputs)
+        _centroid_ids(config, model, train_inputs)
     if config.classifier.bias_init == "prior":
         _prior_bias(model, data.splits["train"].Y)
     head, head_fit_seconds = getattr(model.classifier, "head", None), None
     if config.classifier.head_fit == "svm" and head is not None and not resume:  # else the checkpoint's
         fit_started = time.perf_counter()
-        _svm_head(config, model, data, inputs, progress)
+        _svm_head(config, model, train_inputs, progress)
         head_fit_seconds = time.perf_counter() - fit_started
+    del train_inputs
     model = par.prepare(model, device)  # label shard
     if place.is_main:
         save_config(config, run / "config.yaml")
